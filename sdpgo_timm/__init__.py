@@ -1,0 +1,5 @@
+"""SDPGO self-distillation for PyTorch Image Models (timm)."""
+from .baselines import DLB_PRESET, create_skd_task
+from .factory import ModelAndTask, create_model
+from .task import SDPGOTask, half_batch_size
+from .version import __version__
