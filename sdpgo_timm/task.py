@@ -151,15 +151,16 @@ class SDPGOTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the timm model's blocks in place; the taps stay eager between them.
+        """Compile the timm model regionally so that the taps sit between compiled regions.
 
-        The forward hooks that record taps are graph breaks, so the model is compiled
-        as a whole with those breaks rather than the tapped wrapper.
+        A tap inside one compiled graph would record a side output that no gradient
+        reaches; so every module that is neither tapped nor holds a tap is compiled on
+        its own, and tapped modules (and their ancestors) stay eager around compiled children.
         """
-        module = unwrap_model(self.trainable_module)
-        module.model.compile(backend=backend, mode=mode, **compile_kwargs)
-        self.eval_model = module.model
-        return module.model
+        model = unwrap_model(self.trainable_module).model
+        compile_regions(model, self.tap_layers, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = model
+        return model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         resolved = super().get_eval_model(module=module, ema=ema)
@@ -296,6 +297,16 @@ class SDPGOTask(TrainingTask):
                 self.sparsity = torch.stack(sparsity).mean().detach()
 
         attach_grad_hooks(features, on_grad)
+
+
+def compile_regions(module: nn.Module, keep_eager: Sequence[str], prefix: str = '', **compile_kwargs) -> None:
+    """torch.compile each child of `module` that neither is nor contains a `keep_eager` module."""
+    for name, child in module.named_children():
+        full = prefix + name
+        if any(k == full or k.startswith(full + '.') for k in keep_eager):
+            compile_regions(child, keep_eager, full + '.', **compile_kwargs)
+        else:
+            child.compile(**compile_kwargs)
 
 
 def _match_target_format(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,2 @@
+from .digits import DigitsDataset
+from .noise import apply_label_noise
