@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.task import ClassificationTask, TrainingTask
 
 from .baselines import create_skd_task
+from .pretrained import ensure_cached
 
 _PREFIX = 'sdpgo_'
 
@@ -31,6 +32,8 @@ def create_model(
     ClassificationTask, plain cross-entropy.
     """
     task_kwargs = {k[len(_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(_PREFIX)}
+    if kwargs.get('pretrained'):
+        ensure_cached(model_name, cache_dir=kwargs.get('cache_dir'))
     model = timm.create_model(model_name, **kwargs)
     if not sdpgo and skd is None:
         if task_kwargs:

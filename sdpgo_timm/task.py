@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.task import TrainingTask
-from timm.utils import unwrap_model
+from timm.utils import ModelEmaV3, unwrap_model
 
 from .pwa import ProximalWeightAssignment
 from .sil import WEIGHTINGS, per_sample_cross_entropy, sil_loss, teacher_probabilities
@@ -170,6 +170,16 @@ class SDPGOTask(TrainingTask):
                 return current.model
             current = getattr(current, 'module', None)
         return resolved
+
+    def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device=None, **kwargs) -> nn.Module:
+        """EMA of the plain timm model (not the tapped wrapper): it evaluates and saves as timm's."""
+        self.trainable_module_ema = ModelEmaV3(
+            self.get_eval_model(), decay=decay, use_warmup=use_warmup, device=device, **kwargs)
+        return self.trainable_module_ema
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        if self.has_ema():
+            self.trainable_module_ema.update(self.get_eval_model(), step=step)
 
     def get_clip_parameters(self, exclude_head: bool = False):
         parameters = list(self.get_eval_model().parameters())

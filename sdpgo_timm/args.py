@@ -1,0 +1,280 @@
+"""Command line of train.py: timm's train.py flags (same names, meanings, defaults) plus SDPGO.
+
+Defaults come, in increasing priority, from: this parser, the benchmark recipe
+(`hparams/<benchmark>/<model>.yaml` or `default.yaml`) when the positional argument is a
+benchmark name, the `-c/--config` YAML file, and the command line.
+"""
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import yaml
+
+from timm.utils import ParseKwargs
+
+from .data.benchmarks import BENCHMARKS, recipe_path
+
+SKD_CHOICES = ('sdpgo', 'dlb', 'dlb2', 'pskd')
+
+
+class ConfigError(ValueError):
+    """A configuration file or option that cannot be used; the message says how to fix it."""
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('data', nargs='?', metavar='DIR_OR_BENCHMARK', default=None,
+                        help=f'data directory, or a benchmark name: {", ".join(BENCHMARKS)}')
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('--data-dir', metavar='DIR', default=None, help='path to dataset (root dir)')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='dataset type + name ("<type>/<name>": torch/, hfds/, wds/, ...; ImageFolder if empty)')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+    group.add_argument('--val-split', metavar='NAME', default='validation',
+                       help='dataset validation split (default: validation)')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify num samples in train split, for IterableDatasets.')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify num samples in validation split, for IterableDatasets.')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow download of dataset for torch/ and tfds/ datasets that support it.')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
+    group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images.')
+    group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
+                       help='symmetric noise on the training labels, share ETA in [0, 1) (digits only; seeded by --seed)')
+    group.add_argument('--label-noise-mode', default='sym', choices=('sym', 'asym'),
+                       help='label noise: sym (uniform over other classes) or asym (class c -> c+1)')
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='name of model to train')
+    group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained weights')
+    group.add_argument('--pretrained-path', default=None, type=str,
+                       help='load these pretrained weights instead of the hub default (a file), head adapted')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='load this checkpoint into the model after initialisation')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume model, optimizer and SDPGO state from checkpoint')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='prevent resume of optimizer state when resuming model')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type; model default if None')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (model default if None)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                       help='input dimensions (d h w, e.g. --input-size 3 224 224), model default if empty')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation center crop percent')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                       help='model batch size per process (with SDPGO: replay half + fresh half)')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size override')
+    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--fuser', default='', type=str, help="select jit fuser")
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='number of steps to accumulate gradients')
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='enable gradient checkpointing through model blocks/stages')
+    group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra model kwargs, key=value')
+    group.add_argument('--head-init-scale', default=None, type=float, help='head initialization scale')
+    group.add_argument('--head-init-bias', default=None, type=float, help='head initialization bias value')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='enable compilation w/ specified backend (default: inductor).')
+    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
+
+
+def _add_optim_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (default: "sgd")')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum (default: 0.9)')
+    group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
+    group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: norm, value, agc')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    group.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default=None, action=ParseKwargs,
+                       help='extra optimizer kwargs, key=value')
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler')
+    group.add_argument('--sched-on-updates', action='store_true', default=False,
+                       help='apply the LR scheduler step on update instead of epoch end.')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate, overrides lr-base if set (default: None)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='base learning rate: lr = lr_base * global_batch_size / lr_base_size')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base learning rate batch size')
+    group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                       help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='learning rate noise on/off epoch percentages')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='learning rate noise limit')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='learning rate noise std-dev')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='LR cycle len multiplier')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='LR cycle decay')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='LR cycle limit')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='LR k-decay for cosine/poly')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                       help='list of decay epoch indices for multistep lr')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
+    group.add_argument('--warmup-prefix', action='store_true', default=False,
+                       help='exclude warmup period from decay schedule.')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs to cooldown LR at min_lr')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience for Plateau LR')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+
+
+def _add_aug_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False, help='disable all training augmentation')
+    group.add_argument('--train-crop-mode', type=str, default=None, help='crop-mode in train')
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                       help='random resize scale (default: 0.08 1.0)')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='random resize aspect ratio (default: 0.75 1.33)')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip training aug probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip training aug probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT',
+                       help='probability of applying any color jitter.')
+    group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT',
+                       help='probability of applying random grayscale conversion.')
+    group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT',
+                       help='probability of applying gaussian blur.')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME', help='AutoAugment policy, e.g. rand-m9-mstd0.5')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='number of augmentation repetitions (distributed training only)')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob')
+    group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
+    group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0.')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0.')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of performing mixup or cutmix')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of switching to cutmix when both mixup and cutmix enabled')
+    group.add_argument('--mixup-mode', type=str, default='batch', help='mixup/cutmix params per "batch", "pair", "elem"')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
+                       help='turn off mixup after this epoch, disabled if 0')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
+    group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
+    group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
+    group.add_argument('--sync-bn', action='store_true', help='enable synchronized BatchNorm.')
+    group.add_argument('--dist-bn', type=str, default='reduce',
+                       help='distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+    group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of model weights')
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='keep the EMA on the CPU')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay factor for model weights EMA')
+    group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay.')
+
+
+def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Self-distillation (SDPGO) parameters')
+    group.add_argument('--sdpgo', action='store_true', default=False, help='train with SDPGO self-distillation')
+    group.add_argument('--skd', type=str, default=None, choices=SKD_CHOICES,
+                       help='self-distillation method: sdpgo (same as --sdpgo), dlb (DLB preset, one forward), '
+                            'dlb2 (DLB as its authors run it, two forwards), pskd (PS-KD)')
+    group.add_argument('--sdpgo-temperature', type=float, default=3.0, help='softmax temperature tau (default: 3)')
+    group.add_argument('--sdpgo-topk', type=int, default=2,
+                       help='non-target classes kept in the soft label, <0 keeps all (default: 2)')
+    group.add_argument('--sdpgo-beta', type=float, default=0.9, help='EMA rate of PWA lambda and moments (default: 0.9)')
+    group.add_argument('--sdpgo-layers', type=str, nargs='+', default=None,
+                       help='modules to tap for PWA (default: the last two feature levels)')
+    group.add_argument('--sdpgo-alpha-mode', type=str, default='pwa', choices=('pwa', 'fixed'),
+                       help='per-sample alpha from PWA, or the fixed --sdpgo-alpha')
+    group.add_argument('--sdpgo-alpha', type=float, default=0.5, help='alpha when --sdpgo-alpha-mode fixed')
+    group.add_argument('--sdpgo-alpha-min', type=float, default=0.0, help='lower clamp of PWA alpha')
+    group.add_argument('--sdpgo-alpha-max', type=float, default=1.0, help='upper clamp of PWA alpha')
+    group.add_argument('--sdpgo-weighting', type=str, default='complementary', choices=('complementary', 'additive'),
+                       help='replayed loss: (1-a)CE + a t^2 KL, or CE + a t^2 KL (DLB)')
+    group.add_argument('--sdpgo-replay', type=str, default='auto', choices=('auto', 'views', 'tensors'),
+                       help='replay re-augmented views (indexable datasets) or cached tensors (auto: views if possible)')
+    group.add_argument('--pskd-alpha-t', type=float, default=0.8, help='PS-KD final alpha_T (default: 0.8)')
+
+
+def _add_misc_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
+    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
+    group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
+    group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+    group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in DataLoader')
+    group.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='best metric')
+    group.add_argument('--device', default=None, type=str,
+                       help='device to use (default: cuda when available, else cpu)')
+    group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend')
+    group.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url')
+    group.add_argument('--push-to-hub', default=None, type=str, metavar='REPO_ID',
+                       help='push the best (EMA if tracked) checkpoint to this Hub repository when training ends')
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='timm training with SDPGO self-distillation')
+    parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                        help='YAML file whose keys set defaults (the command line wins)')
+    _add_data_args(parser)
+    _add_model_args(parser)
+    _add_optim_args(parser)
+    _add_aug_args(parser)
+    _add_sdpgo_args(parser)
+    _add_misc_args(parser)
+    return parser
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Keys of a YAML file as parser defaults; unknown keys and bad YAML are ConfigErrors."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k.replace('-', '_') not in known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in config file {path!r}; keys are option names such as 'batch_size', "
+            f"'sdpgo_topk' (see --help)")
+    return {k.replace('-', '_'): v for k, v in cfg.items()}
+
+
+def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None
+               ) -> Tuple[argparse.Namespace, str]:
+    """Parse the command line with recipe and config defaults; return (args, args as YAML)."""
+    parser = parser or create_parser()
+    first, _ = parser.parse_known_args(argv)
+    defaults = {}
+    if first.data in BENCHMARKS:
+        recipe = recipe_path(first.data, first.model)
+        if recipe is not None:
+            defaults.update(load_yaml_defaults(str(recipe), parser))
+    if first.config:
+        defaults.update(load_yaml_defaults(first.config, parser))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)

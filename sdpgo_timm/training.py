@@ -1,0 +1,107 @@
+"""Builders that turn parsed train.py arguments into the objects of a timm training run.
+
+Kept out of train.py so that they can be imported and tested: the task (plain timm
+ClassificationTask or a self-distillation task), the training loader for each data path
+(timm's create_loader; at half the batch in SDPGO `tensors` mode; the replay loader in
+`views` mode) and the Mixup/CutMix object that goes with it.
+"""
+import argparse
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, IterableDataset
+
+from timm.data import Mixup, create_loader
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.task import ClassificationTask, TrainingTask
+
+from .baselines import create_skd_task
+from .replay import ReplayMixup, create_replay_loader
+from .task import half_batch_size
+
+
+def skd_method(args: argparse.Namespace) -> Optional[str]:
+    """'sdpgo', 'dlb', ... or None for plain supervised training."""
+    if args.sdpgo and args.skd not in (None, 'sdpgo'):
+        raise ValueError(f"--sdpgo and --skd {args.skd} both given; pick one")
+    return 'sdpgo' if args.sdpgo else args.skd
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def resolve_replay(args: argparse.Namespace, dataset: Dataset) -> str:
+    """`views` for indexable datasets, `tensors` for streaming ones (or as asked)."""
+    iterable = isinstance(dataset, IterableDataset)
+    if args.sdpgo_replay == 'views' and iterable:
+        raise ValueError(
+            "--sdpgo-replay views needs an indexable dataset, but this one streams; use --sdpgo-replay tensors")
+    if args.sdpgo_replay == 'auto':
+        return 'tensors' if iterable else 'views'
+    return args.sdpgo_replay
+
+
+def create_train_task(args: argparse.Namespace, model: nn.Module, replay: str, device: torch.device) -> TrainingTask:
+    """ClassificationTask with timm's loss choice, or the self-distillation task of --sdpgo/--skd."""
+    method = skd_method(args)
+    mixup = mixup_active(args)
+    if method is None:
+        if mixup:
+            criterion = SoftTargetCrossEntropy()
+        elif args.smoothing:
+            criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        return ClassificationTask(model, criterion=criterion, device=device)
+    options = dict(
+        temperature=args.sdpgo_temperature, topk=args.sdpgo_topk, beta=args.sdpgo_beta, layers=args.sdpgo_layers,
+        alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
+        alpha_max=args.sdpgo_alpha_max, weighting=args.sdpgo_weighting, replay=replay,
+        smoothing=0.0 if mixup else args.smoothing)
+    return create_skd_task(model, method, device=device, **options)
+
+
+def create_mixup(args: argparse.Namespace, num_classes: int, replay_aware: bool) -> Optional[Mixup]:
+    """timm's Mixup (plain training) or ReplayMixup (replay data paths), None when off."""
+    if not mixup_active(args):
+        return None
+    cls = ReplayMixup if replay_aware else Mixup
+    return cls(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+        num_classes=num_classes)
+
+
+def create_train_loader(
+        args: argparse.Namespace,
+        dataset: Dataset,
+        data_config: dict,
+        device: torch.device,
+        replay: Optional[str],
+) -> Tuple[object, int]:
+    """The training loader and the fresh rows per step (0: the loader yields no indices)."""
+    common = dict(
+        input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.,
+        gaussian_blur_prob=args.gaussian_blur_prob or 0., auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        worker_seeding=args.worker_seeding,
+        # fresh workers each epoch: their seeds then follow the per-epoch reseed, so a resume is exact
+        persistent_workers=False)
+    if replay == 'views':
+        loader = create_replay_loader(
+            dataset, batch_size=args.batch_size, seed=args.seed,
+            num_replicas=args.world_size, rank=args.rank, **common)
+        return loader, half_batch_size(args.batch_size)
+    batch_size = half_batch_size(args.batch_size) if replay == 'tensors' else args.batch_size
+    if replay == 'tensors' and mixup_active(args) and batch_size % 2:
+        raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
+                         "must be a multiple of 4")
+    loader = create_loader(
+        dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
+    return loader, 0

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""timm training with SDPGO self-distillation: timm's train.py workflow plus --sdpgo.
+
+    python train.py digits --model resnet18 --sdpgo
+    torchrun --nproc_per_node=8 train.py imagenet --model swin_tiny_patch4_window7_224 --sdpgo
+
+Argument parsing and wiring only; the logic lives in sdpgo_timm.
+"""
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import torch
+from timm.data import resolve_data_config
+from timm.models import safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import NativeScaler, distribute_bn, get_outdir, random_seed, setup_default_logging, update_summary
+
+from sdpgo_timm.args import ConfigError, parse_args
+from sdpgo_timm.checkpoint import CheckpointError, TrainCheckpointSaver
+from sdpgo_timm.data.factory import create_split_dataset
+from sdpgo_timm.engine import NonFiniteLossError, train_one_epoch, validate
+from sdpgo_timm.runtime import (
+    create_eval_loader, create_timm_model, gather_task_states, init_device, mixup_extra_state, resolve_lr,
+    resume_training)
+from sdpgo_timm.training import (
+    create_mixup, create_train_loader, create_train_task, resolve_replay, skd_method)
+
+_logger = logging.getLogger('train')
+
+
+def run(args, args_text: str) -> dict:
+    device = init_device(args)
+    primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+
+    dataset_train = create_split_dataset(args, args.train_split, is_training=True)
+    dataset_eval = create_split_dataset(args, args.val_split, is_training=False)
+    model = create_timm_model(args, dataset_train)
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    method = skd_method(args)
+    replay = resolve_replay(args, dataset_train) if method in ('sdpgo', 'dlb') else None
+    task = create_train_task(args, model, replay, device)
+    resolve_lr(args)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+
+    amp_autocast, loss_scaler = nullcontext, None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if amp_dtype == torch.float16:
+            loss_scaler = NativeScaler(device=device.type)
+
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+    loader_train, fresh_size = create_train_loader(args, dataset_train, data_config, device, replay)
+    loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
+    mixup_fn = create_mixup(args, model.num_classes, replay_aware=replay is not None)
+
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume_training(args, task, optimizer, loss_scaler, mixup_fn)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=updates_per_epoch)
+    if start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    output_dir = saver = None
+    rank_states = {}
+    if primary:
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
+        output_dir = get_outdir(args.output or './output/train', exp_name)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        saver = TrainCheckpointSaver(
+            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+            recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
+            task=task, extra_state=lambda: {**rank_states, **mixup_extra_state(mixup_fn)})
+        _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
+                     f"{len(loader_train)} steps per epoch, output {output_dir}")
+
+    eval_model = task.get_eval_model()
+    best = None
+    num_updates = start_epoch * updates_per_epoch
+    for epoch in range(start_epoch, num_epochs):
+        random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
+        if hasattr(loader_train, 'set_epoch'):
+            loader_train.set_epoch(epoch)
+        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        if hasattr(task, 'set_epoch'):
+            task.set_epoch(epoch)
+
+        train_metrics = train_one_epoch(
+            epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size, lr_scheduler=lr_scheduler,
+            mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
+            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+            channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
+            log_interval=args.log_interval, log_enabled=primary)
+        num_updates = int(train_metrics.pop('num_updates'))
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+
+        eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
+                                channels_last=args.channels_last, distributed=args.distributed,
+                                world_size=args.world_size)
+        if task.has_ema() and not args.model_ema_force_cpu:
+            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
+                                    amp_autocast=amp_autocast, channels_last=args.channels_last,
+                                    distributed=args.distributed, world_size=args.world_size)
+        metric = eval_metrics[args.eval_metric]
+        lr_scheduler.step(epoch + 1, metric)
+        rank_states = gather_task_states(task, args)
+        if primary:
+            lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
+            _logger.info(
+                f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
+                f"{train_metrics['samples']} samples, {train_metrics['img_per_sec']:.1f} img/s) | "
+                f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} loss {eval_metrics['loss']:.4f}")
+            best = saver.save_checkpoint(epoch, metric=metric)
+
+    result = dict(output_dir=output_dir, best_metric=best[0] if best else None, best_epoch=best[1] if best else None)
+    if primary and args.push_to_hub and output_dir:
+        from sdpgo_timm.hub import push_checkpoint
+        best_path = os.path.join(output_dir, 'model_best.pth.tar')
+        result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
+    if primary:
+        _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
+    return result
+
+
+def main(argv=None) -> int:
+    setup_default_logging()
+    try:
+        args, args_text = parse_args(argv)
+        run(args, args_text)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        _logger.error(f"error: {e}")
+        return 2
+    except NonFiniteLossError as e:
+        _logger.error(f"error: {e}")
+        return 3
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
