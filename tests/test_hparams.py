@@ -1,0 +1,30 @@
+"""Every shipped recipe names a source and only options that train.py knows."""
+from pathlib import Path
+
+import pytest
+import timm
+
+from sdpgo_timm.args import create_parser, load_yaml_defaults
+from sdpgo_timm.data.benchmarks import BENCHMARKS, HPARAMS_DIR
+
+RECIPES = sorted(HPARAMS_DIR.glob('*/*.yaml'))
+
+
+def test_recipes_exist_for_the_named_models():
+    names = {p.relative_to(HPARAMS_DIR).as_posix() for p in RECIPES}
+    for model in ('resnet50', 'resnet18', 'deit_tiny_patch16_224', 'deit_small_patch16_224',
+                  'swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224'):
+        assert f'imagenet/{model}.yaml' in names
+    assert 'digits/default.yaml' in names
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=[p.relative_to(HPARAMS_DIR).as_posix() for p in RECIPES])
+def test_recipe_is_valid(path: Path):
+    assert path.parent.name in BENCHMARKS
+    header = [line for line in path.read_text().splitlines() if line.startswith('#')]
+    assert any('Source:' in line for line in header), f'{path} does not name its source'
+    defaults = load_yaml_defaults(str(path), create_parser())
+    if 'model' in defaults:
+        assert defaults['model'] == path.stem and timm.is_model(defaults['model'])
+    if 'batch_size' in defaults and (defaults.get('mixup') or defaults.get('cutmix')):
+        assert defaults['batch_size'] % 4 == 0  # even fresh half for Mixup in every replay mode
