@@ -9,9 +9,7 @@ Argument parsing and wiring only; the logic lives in sdpgo_timm.
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from datetime import datetime
-from functools import partial
 
 import torch
 from timm.data import resolve_data_config
@@ -25,8 +23,8 @@ from sdpgo_timm.checkpoint import CheckpointError, TrainCheckpointSaver
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.engine import NonFiniteLossError, train_one_epoch, validate
 from sdpgo_timm.runtime import (
-    create_eval_loader, create_timm_model, gather_task_states, init_device, mixup_extra_state, resolve_lr,
-    resume_training)
+    create_autocast, create_eval_loader, create_timm_model, gather_task_states, init_device, mixup_extra_state,
+    resolve_lr, resume_training)
 from sdpgo_timm.training import (
     create_mixup, create_train_loader, create_train_task, resolve_replay, skd_method)
 
@@ -54,12 +52,8 @@ def run(args, args_text: str) -> dict:
     resolve_lr(args)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
 
-    amp_autocast, loss_scaler = nullcontext, None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-        if amp_dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
+    amp_autocast, amp_dtype = create_autocast(args, device)
+    loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
 
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -100,6 +94,8 @@ def run(args, args_text: str) -> dict:
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
             recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
             task=task, extra_state=lambda: {**rank_states, **mixup_extra_state(mixup_fn)})
+        if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)  # resumed in place: keep the best and the history
         _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
 
@@ -157,7 +153,8 @@ def run(args, args_text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    setup_default_logging()
+    if not logging.root.handlers:  # once per process: main() may run several times in one (tests, notebooks)
+        setup_default_logging()
     try:
         args, args_text = parse_args(argv)
         run(args, args_text)

@@ -1,13 +1,15 @@
-"""Command line of train.py: timm's train.py flags (same names, meanings, defaults) plus SDPGO.
+"""Command lines of train.py (timm's train.py flags, same names, meanings, defaults, plus SDPGO)
+and validate.py (timm's validate.py flags); the flags both have are defined once, here.
 
-Defaults come, in increasing priority, from: this parser, the benchmark recipe
+train.py defaults come, in increasing priority, from: this parser, the benchmark recipe
 (`hparams/<benchmark>/<model>.yaml` or `default.yaml`) when the positional argument is a
 benchmark name, the `-c/--config` YAML file, and the command line.
+validate.py takes the data config and head options the command line leaves unset from the
+checkpoint's training args, else from the benchmark recipe (`resolve_eval_args`).
 """
 import argparse
 import os
-from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import yaml
 
@@ -22,65 +24,93 @@ class ConfigError(ValueError):
     """A configuration file or option that cannot be used; the message says how to fix it."""
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
+def _add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     parser.add_argument('data', nargs='?', metavar='DIR_OR_BENCHMARK', default=None,
                         help=f'data directory, or a benchmark name: {", ".join(BENCHMARKS)}')
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('--data-dir', metavar='DIR', default=None, help='path to dataset (root dir)')
     group.add_argument('--dataset', metavar='NAME', default='',
                        help='dataset type + name ("<type>/<name>": torch/, hfds/, wds/, ...; ImageFolder if empty)')
-    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
-    group.add_argument('--val-split', metavar='NAME', default='validation',
-                       help='dataset validation split (default: validation)')
-    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
-                       help='manually specify num samples in train split, for IterableDatasets.')
-    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
-                       help='manually specify num samples in validation split, for IterableDatasets.')
+    if training:
+        group.add_argument('--train-split', metavar='NAME', default='train',
+                           help='dataset train split (default: train)')
+        group.add_argument('--val-split', metavar='NAME', default='validation',
+                           help='dataset validation split (default: validation)')
+        group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                           help='manually specify num samples in train split, for IterableDatasets.')
+        group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                           help='manually specify num samples in validation split, for IterableDatasets.')
+    else:
+        group.add_argument('--split', metavar='NAME', default='validation',
+                           help='dataset split to evaluate (default: validation)')
+        group.add_argument('--num-samples', dest='val_num_samples', default=None, type=int, metavar='N',
+                           help='manually specify num samples in the split, for IterableDatasets.')
     group.add_argument('--dataset-download', action='store_true', default=False,
                        help='allow download of dataset for torch/ and tfds/ datasets that support it.')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images.')
-    group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
-                       help='symmetric noise on the training labels, share ETA in [0, 1) (digits only; seeded by --seed)')
-    group.add_argument('--label-noise-mode', default='sym', choices=('sym', 'asym'),
-                       help='label noise: sym (uniform over other classes) or asym (class c -> c+1)')
+    if training:
+        group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
+                           help='symmetric noise on the training labels, share ETA in [0, 1) (digits only; seeded by '
+                                '--seed)')
+        group.add_argument('--label-noise-mode', default='sym', choices=('sym', 'asym'),
+                           help='label noise: sym (uniform over other classes) or asym (class c -> c+1)')
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     group = parser.add_argument_group('Model parameters')
-    group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='name of model to train')
+    if training:
+        group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='name of model to train')
+    else:
+        group.add_argument('--model', default=None, type=str, metavar='MODEL',
+                           help="model architecture (default: the checkpoint's)")
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained weights')
-    group.add_argument('--pretrained-path', default=None, type=str,
-                       help='load these pretrained weights instead of the hub default (a file), head adapted')
-    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
-                       help='load this checkpoint into the model after initialisation')
-    group.add_argument('--resume', default='', type=str, metavar='PATH',
-                       help='resume model, optimizer and SDPGO state from checkpoint')
-    group.add_argument('--no-resume-opt', action='store_true', default=False,
-                       help='prevent resume of optimizer state when resuming model')
+    if training:
+        group.add_argument('--pretrained-path', default=None, type=str,
+                           help='load these pretrained weights instead of the hub default (a file), head adapted')
+        group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                           help='load this checkpoint into the model after initialisation')
+        group.add_argument('--resume', default='', type=str, metavar='PATH',
+                           help='resume model, optimizer and SDPGO state from checkpoint')
+        group.add_argument('--no-resume-opt', action='store_true', default=False,
+                           help='prevent resume of optimizer state when resuming model')
+    else:
+        group.add_argument('--checkpoint', default='', type=str, metavar='PATH',
+                           help='training checkpoint to evaluate, or a folder: every *.pth.tar in it')
+        group.add_argument('--use-ema', action='store_true', default=False,
+                           help="evaluate the checkpoint's EMA weights (state_dict_ema)")
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes')
     group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type; model default if None')
     group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (model default if None)')
     group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
     group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
                        help='input dimensions (d h w, e.g. --input-size 3 224 224), model default if empty')
+    if not training:
+        group.add_argument('--use-train-size', action='store_true', default=False,
+                           help="use the model's train input size even when it has a test input size")
     group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation center crop percent')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
-    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
-                       help='model batch size per process (with SDPGO: replay half + fresh half)')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
-                       help='validation batch size override')
+    if training:
+        group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                           help='model batch size per process (with SDPGO: replay half + fresh half)')
+        group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                           help='validation batch size override')
+    else:
+        group.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='batch size (default: 256)')
+        group.add_argument('--num-gpu', type=int, default=1, metavar='N',
+                           help='number of GPUs to use (> 1: torch.nn.DataParallel, CUDA only)')
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
-    group.add_argument('--fuser', default='', type=str, help="select jit fuser")
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra model kwargs, key=value')
+    if not training:
+        return
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='number of steps to accumulate gradients')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
                        help='enable gradient checkpointing through model blocks/stages')
     group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                       help='extra model kwargs, key=value')
     group.add_argument('--head-init-scale', default=None, type=float, help='head initialization scale')
     group.add_argument('--head-init-bias', default=None, type=float, help='head initialization bias value')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
@@ -208,22 +238,30 @@ def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--pskd-alpha-t', type=float, default=0.8, help='PS-KD final alpha_T (default: 0.8)')
 
 
-def _add_misc_args(parser: argparse.ArgumentParser) -> None:
+def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     group = parser.add_argument_group('Miscellaneous parameters')
-    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
-    group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
-    group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
-    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep')
+    if training:
+        group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+        group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
+        group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
+        group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
+                           help='number of checkpoints to keep')
+    else:
+        group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
+        group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
+                           help='write the results to this .csv or .json file')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
-    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
+    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision')
     group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
     group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in DataLoader')
+    group.add_argument('--device', default=None, type=str,
+                       help='device to use (default: cuda when available, else cpu)')
+    if not training:
+        return
     group.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='best metric')
-    group.add_argument('--device', default=None, type=str,
-                       help='device to use (default: cuda when available, else cpu)')
     group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend')
     group.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url')
     group.add_argument('--push-to-hub', default=None, type=str, metavar='REPO_ID',
@@ -231,6 +269,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
 
 
 def create_parser() -> argparse.ArgumentParser:
+    """train.py's parser."""
     parser = argparse.ArgumentParser(description='timm training with SDPGO self-distillation')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML file whose keys set defaults (the command line wins)')
@@ -243,6 +282,15 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def create_validate_parser() -> argparse.ArgumentParser:
+    """validate.py's parser: timm's validate.py flags, defined by the same functions as train.py's."""
+    parser = argparse.ArgumentParser(description='evaluate timm models and SDPGO training checkpoints')
+    _add_data_args(parser, training=False)
+    _add_model_args(parser, training=False)
+    _add_misc_args(parser, training=False)
+    return parser
+
+
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     """Keys of a YAML file as parser defaults; unknown keys and bad YAML are ConfigErrors."""
     if not os.path.isfile(path):
@@ -251,7 +299,8 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         with open(path) as f:
             cfg = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        reason = ' '.join(str(e).split())  # PyYAML's message spans lines; errors here are one line
+        raise ConfigError(f"config file {path!r} is not valid YAML: {reason}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
     known = {a.dest for a in parser._actions}
@@ -278,3 +327,47 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)
+
+
+# training options that decide how a trained model is rebuilt and its evaluation data prepared, in groups: a
+# group is taken whole from the first source that sets any of it (--img-size replaces a saved --input-size)
+EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), ('crop_pct',), ('mean',), ('std',),
+             ('interpolation',), ('model_kwargs',), ('bn_eps',))
+RESULTS_FORMATS = ('.csv', '.json')
+
+
+def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse validate.py's command line; a results file other than .csv/.json is a ConfigError."""
+    args = create_validate_parser().parse_args(argv)
+    if args.results_file and os.path.splitext(args.results_file)[1].lower() not in RESULTS_FORMATS:
+        raise ConfigError(f"--results-file {args.results_file!r} must end in {' or '.join(RESULTS_FORMATS)}")
+    return args
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == '' or value == {}
+
+
+def resolve_eval_args(args: argparse.Namespace, saved: Optional[Any] = None) -> argparse.Namespace:
+    """A copy of validate.py's args that completes what the command line left unset.
+
+    --model and the EVAL_ARGS options come from `saved` (the `args` a training checkpoint
+    holds), else, for a benchmark name, from its recipe: a model is evaluated as it was
+    trained. Options still unset keep the model's defaults (None).
+    """
+    saved = dict(vars(saved) if isinstance(saved, argparse.Namespace) else saved or {})
+    resolved = argparse.Namespace(**vars(args))
+    if _unset(resolved.model):
+        resolved.model = saved.get('model')
+    if _unset(resolved.model):
+        raise ConfigError("no model given: pass --model NAME (or a --checkpoint that names its architecture)")
+    recipe = {}
+    if resolved.data in BENCHMARKS:
+        path = recipe_path(resolved.data, resolved.model)
+        recipe = load_yaml_defaults(str(path), create_parser()) if path is not None else {}
+    given = {k: v for k, v in vars(resolved).items() if not _unset(v)}
+    for group in EVAL_ARGS:
+        source = next((s for s in (given, saved, recipe) if any(not _unset(s.get(k)) for k in group)), {})
+        for key in group:
+            setattr(resolved, key, source.get(key))
+    return resolved

@@ -27,26 +27,36 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Progress:
-    """A one-line progress bar on an interactive terminal, periodic log lines otherwise."""
+    """A one-line progress bar on an interactive terminal, periodic log lines otherwise.
+
+    The text (which reads device values) is only built every `interval` steps, so logging
+    adds no per-step host sync.
+    """
 
     def __init__(self, total: int, interval: int, enabled: bool = True):
         self.total = total
         self.interval = max(1, interval)
         self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled
+        self.text = ''
 
-    def update(self, step: int, text: str) -> None:
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0 or step + 1 == self.total
+
+    def update(self, step: int, text: Callable[[], str]) -> None:
         if not self.enabled:
             return
-        last = step + 1 == self.total
+        due = self.due(step)
+        if due:
+            self.text = text()
         if self.tty:
             filled = int(30 * (step + 1) / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step + 1}/{self.total} {text}")
-            if last:
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step + 1}/{self.total} {self.text}")
+            if step + 1 == self.total:
                 sys.stderr.write('\n')
             sys.stderr.flush()
-        elif step % self.interval == 0 or last:
-            _logger.info(f"[{step + 1:>4d}/{self.total}] {text}")
+        elif due:
+            _logger.info(f"[{step + 1:>4d}/{self.total}] {self.text}")
 
 
 def _unpack(batch, device: torch.device):
@@ -84,7 +94,8 @@ def train_one_epoch(
     """
     plain = isinstance(task, ClassificationTask)
     task.train()
-    meters = defaultdict(AverageMeter)
+    sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    finite = torch.ones((), dtype=torch.bool, device=device)
     num_batches = len(loader)
     progress = Progress(num_batches, log_interval, log_enabled)
     steps = fresh_seen = model_seen = 0
@@ -111,10 +122,7 @@ def train_one_epoch(
             with amp_autocast():
                 out = task(input, target) if plain else task(input, target, index=index, loss_scale=scale)
             loss = out['loss']
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss {loss.item()} at epoch {epoch} step {batch_idx}; stopping without saving. "
-                    "Lower --lr, use --clip-grad, or check the data.")
+            finite &= torch.isfinite(loss.detach())
             if loss_scaler is not None:
                 loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, need_update=update)
@@ -137,20 +145,35 @@ def train_one_epoch(
         n = len(out['output'])
         model_seen += n
         fresh_seen += len(input) - num_replay
-        meters['loss'].update(loss.item(), n)
-        for key in ('loss_ce', 'loss_sil', 'alpha', 'sparsity'):
-            if key in out:
-                meters[key].update(float(out[key]), n)
-        rate = model_seen * world_size / max(time.time() - start, 1e-6)
-        progress.update(batch_idx, f"loss {meters['loss'].avg:.4f} " + ' '.join(
-            f"{k} {meters[k].avg:.3f}" for k in ('alpha', 'sparsity') if k in meters) + f" {rate:.1f} img/s")
+        for key in ('loss', 'loss_ce', 'loss_sil', 'alpha', 'sparsity'):
+            # plain CE reports its loss as loss_ce and zeros, so every run's summary.csv has the same columns
+            value = out.get(key, loss if key == 'loss_ce' else None)
+            sums[key] += value.detach().float() * n if value is not None else 0.0
+        if progress.due(batch_idx):
+            _check_finite(finite, epoch, batch_idx)
+        progress.update(batch_idx, lambda: _status(sums, model_seen, world_size, start))
 
+    _check_finite(finite, epoch, num_batches - 1)
     elapsed = time.time() - start
-    metrics = {k: m.avg for k, m in meters.items()}
+    metrics = {k: v.item() / max(model_seen, 1) for k, v in sums.items()}
     metrics.update(
         steps=steps, samples=fresh_seen * world_size,
         img_per_sec=model_seen * world_size / max(elapsed, 1e-6), epoch_time=elapsed, num_updates=num_updates)
     return metrics
+
+
+def _check_finite(finite: torch.Tensor, epoch: int, step: int) -> None:
+    """Raise once a non-finite loss was seen (checked at log points and at the end of the epoch)."""
+    if not finite.item():
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {epoch} (by step {step}); stopping without saving. "
+            "Lower --lr, use --clip-grad, or check the data.")
+
+
+def _status(sums: Dict[str, torch.Tensor], seen: int, world_size: int, start: float) -> str:
+    parts = [f"loss {sums['loss'].item() / max(seen, 1):.4f}"]
+    parts += [f"{k} {sums[k].item() / max(seen, 1):.3f}" for k in ('alpha', 'sparsity') if k in sums]
+    return ' '.join(parts) + f" {seen * world_size / max(time.time() - start, 1e-6):.1f} img/s"
 
 
 @torch.no_grad()
@@ -163,14 +186,19 @@ def validate(
         channels_last: bool = False,
         distributed: bool = False,
         world_size: int = 1,
+        log_interval: int = 0,
 ) -> Dict[str, float]:
-    """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader."""
+    """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader.
+
+    `log_interval` > 0 logs the running metrics every that many batches (validate.py's --log-freq).
+    """
     model.eval()
     criterion = nn.CrossEntropyLoss()
     meters = defaultdict(AverageMeter)
+    progress = Progress(len(loader), log_interval, enabled=log_interval > 0)
     start = time.time()
     seen = 0
-    for batch in loader:
+    for batch_idx, batch in enumerate(loader):
         input, target, _ = _unpack(batch, device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
@@ -188,6 +216,7 @@ def validate(
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)
         meters['top5'].update(top5.item(), n)
+        progress.update(batch_idx, lambda: ' '.join(f"{k} {meters[k].avg:.4f}" for k in ('loss', 'top1', 'top5')))
     elapsed = max(time.time() - start, 1e-6)
     metrics = {k: m.avg for k, m in meters.items()}
     metrics['img_per_sec'] = seen * world_size / elapsed

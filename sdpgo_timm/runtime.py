@@ -1,25 +1,32 @@
-"""Run-time set-up shared by train.py and validate.py: device, model, learning rate, resume.
+"""Run-time set-up shared by train.py and validate.py: device, model, AMP, learning rate, resume,
+the evaluation model of a checkpoint and results files.
 
 Thin wrappers over timm (init_distributed_device, create_model, create_loader) that turn
 their failures into one clear message, and the SDPGO-specific parts of a resume: each
 rank's replay cache and the recorded Mixup parameters.
 """
 import argparse
+import csv
+import json
 import logging
-from typing import Any, Dict, Optional
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import timm
+from timm.layers import set_fast_norm
 from timm.data import create_loader
-from timm.models import clean_state_dict
+from timm.models import clean_state_dict, resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .data.factory import dataset_num_classes
+from .pretrained import ensure_cached
 
 _logger = logging.getLogger('train')
 
@@ -27,10 +34,16 @@ _RANK_STATES = 'task_state_ranks'
 _MIXUP_STATE = 'replay_mixup'
 
 
+def default_device(device: Optional[str]) -> str:
+    """`device`, or CUDA when present else the CPU when it is unset (or 'cuda' on a machine without CUDA)."""
+    if device is None or (device == 'cuda' and not torch.cuda.is_available()):
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return device
+
+
 def init_device(args: argparse.Namespace) -> torch.device:
     """timm's distributed/device init; the default device is CUDA when present, else the CPU."""
-    if args.device is None or (args.device == 'cuda' and not torch.cuda.is_available()):
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args.device = default_device(args.device)
     if args.device == 'cpu' and args.dist_backend is None:
         args.dist_backend = 'gloo'
     return init_distributed_device(args)
@@ -41,9 +54,11 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     if args.num_classes is None and dataset is not None:
         args.num_classes = dataset_num_classes(dataset)
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
-    for key, value in (('img_size', args.img_size), ('in_chans', args.in_chans), ('global_pool', args.gp),
-                       ('drop_path_rate', args.drop_path), ('drop_block_rate', args.drop_block),
-                       ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
+    # training-only options are absent from validate.py's args
+    for key, value in (('num_classes', args.num_classes), ('global_pool', args.gp),
+                       ('drop_path_rate', getattr(args, 'drop_path', None)),
+                       ('drop_block_rate', getattr(args, 'drop_block', None)),
+                       ('bn_momentum', getattr(args, 'bn_momentum', None)), ('bn_eps', getattr(args, 'bn_eps', None))):
         if value is not None:
             kwargs[key] = value
     if getattr(args, 'pretrained_path', None):
@@ -51,9 +66,24 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     if not timm.is_model(args.model.split('.')[0]) and not args.model.startswith('hf-hub:'):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
         raise ValueError(f"unknown model {args.model!r}; similar timm models: {close}")
+    if args.pretrained and not getattr(args, 'pretrained_path', None):
+        try:
+            ensure_cached(args.model)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+    if getattr(args, 'fast_norm', False):
+        set_fast_norm()
+    # timm's resolver turns --input-size/--img-size/--in-chans into model arguments only where the model takes
+    # them (fixed-size models such as ViT get img_size; a ResNet does not)
     model = timm.create_model(
-        args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=getattr(args, 'drop', 0.),
-        **kwargs)
+        **resolve_model_input_args(args.model, vars(args), **kwargs), pretrained=args.pretrained,
+        drop_rate=getattr(args, 'drop', 0.))
+    if getattr(args, 'head_init_scale', None) is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if getattr(args, 'head_init_bias', None) is not None:
+        torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
     if getattr(args, 'initial_checkpoint', ''):
         checkpoint = load_checkpoint_file(args.initial_checkpoint)
         model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
@@ -75,11 +105,75 @@ def resolve_lr(args: argparse.Namespace) -> None:
 def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device):
     """timm's evaluation loader (center crop, sharded in order under DDP)."""
     return create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        dataset, input_size=data_config['input_size'],
+        batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
         std=data_config['std'], num_workers=args.workers, distributed=getattr(args, 'distributed', False),
         crop_pct=data_config['crop_pct'], pin_memory=getattr(args, 'pin_mem', False), device=device,
         use_prefetcher=not getattr(args, 'no_prefetcher', False))
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (load_state_dict's spans several), cut at `limit` characters."""
+    return ' '.join(str(error).split())[:limit]
+
+
+def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
+    """A CheckpointError when the checkpoint's architecture (pretrained tags aside) is not `model`'s."""
+    arch = checkpoint.get('arch')
+    if arch and split_model_name_tag(arch)[0] != split_model_name_tag(model)[0]:
+        raise CheckpointError(f"{str(path)!r} holds a {arch!r} model, not --model {model!r}")
+
+
+def create_autocast(args: argparse.Namespace, device: torch.device) -> Tuple[Callable, Optional[torch.dtype]]:
+    """timm's AMP set-up: an autocast context factory (nullcontext without --amp) and the AMP dtype (or None)."""
+    if not args.amp:
+        return nullcontext, None
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), amp_dtype
+
+
+def create_eval_model(
+        args: argparse.Namespace,
+        dataset: Dataset,
+        checkpoint: Optional[Dict[str, Any]] = None,
+        path: str = '',
+) -> torch.nn.Module:
+    """The timm model of validate.py's args with a training checkpoint's weights (EMA ones with --use-ema).
+
+    Weights that do not fit (another architecture or class count) and a split with more
+    classes than the model predicts are one-line CheckpointErrors / ValueErrors.
+    """
+    if checkpoint is not None:
+        check_checkpoint_arch(checkpoint, path, args.model)
+    model = create_timm_model(args, dataset)
+    if checkpoint is not None:
+        key = 'state_dict_ema' if args.use_ema else 'state_dict'
+        if checkpoint.get(key) is None:
+            raise CheckpointError(f"{str(path)!r} has no EMA weights ('state_dict_ema'): evaluate without --use-ema")
+        try:
+            model.load_state_dict(clean_state_dict(checkpoint[key]))
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{str(path)!r} does not fit --model {args.model!r} with {model.num_classes} classes: "
+                f"{_one_line(e)}") from None
+    num_classes = dataset_num_classes(dataset)
+    if num_classes is not None and num_classes > model.num_classes:
+        raise ValueError(
+            f"the {args.split!r} split has {num_classes} classes but the model predicts {model.num_classes}; "
+            "check the data and --num-classes")
+    return model
+
+
+def write_results(path: str, results: List[Dict[str, Any]]) -> None:
+    """Write result rows (one dict per model) to a .json (a list) or .csv (a header and a row each) file."""
+    with open(path, 'w', newline='') as f:
+        if path.lower().endswith('.json'):
+            json.dump(results, f, indent=4)
+            return
+        writer = csv.DictWriter(f, fieldnames=list(results[0]) if results else [])
+        writer.writeheader()
+        writer.writerows(results)
 
 
 def _to_cpu(obj):
@@ -109,9 +203,7 @@ def mixup_extra_state(mixup_fn) -> Dict[str, Any]:
 def resume_training(args: argparse.Namespace, task: TrainingTask, optimizer, loss_scaler, mixup_fn) -> int:
     """Load model, EMA, optimizer, scaler, this rank's task state and Mixup record; return the next epoch."""
     checkpoint = load_checkpoint_file(args.resume)
-    arch = checkpoint.get('arch')
-    if arch and arch != args.model:
-        raise CheckpointError(f"{args.resume!r} holds a {arch!r} model, not --model {args.model!r}")
+    check_checkpoint_arch(checkpoint, args.resume, args.model)
     task_state = checkpoint.get('task_state')
     rank_states = checkpoint.get(_RANK_STATES)
     if rank_states is not None:
@@ -123,7 +215,7 @@ def resume_training(args: argparse.Namespace, task: TrainingTask, optimizer, los
     try:
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), task_state)
     except RuntimeError as e:
-        raise CheckpointError(f"{args.resume!r} does not fit --model {args.model!r}: {str(e)[:300]}") from None
+        raise CheckpointError(f"{args.resume!r} does not fit --model {args.model!r}: {_one_line(e)}") from None
     if task.has_ema() and checkpoint.get('state_dict_ema') is not None:
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict_ema']), None, ema=True)
     if optimizer is not None and 'optimizer' in checkpoint and not args.no_resume_opt:

@@ -11,6 +11,7 @@ from .benchmarks import resolve_data_dir
 from .digits import DigitsDataset
 
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
+_TRAIN_SPLITS = ('train', 'training')
 
 
 def _check_folder_split(root: str, split: str) -> None:
@@ -18,31 +19,44 @@ def _check_folder_split(root: str, split: str) -> None:
     name = split.split('[')[0]
     if os.path.isdir(os.path.join(root, name)):
         return
-    synonyms = _EVAL_SPLITS if name in _EVAL_SPLITS else ('train', 'training') if name in ('train', 'training') else ()
+    synonyms = _EVAL_SPLITS if name in _EVAL_SPLITS else _TRAIN_SPLITS if name in _TRAIN_SPLITS else ()
     if any(os.path.isdir(os.path.join(root, s)) for s in synonyms):
         return
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     raise ValueError(f"split {split!r} not found in {root!r} (sub-folders: {found}); set --train-split/--val-split")
 
 
+def _digits_split(split: str) -> str:
+    """The digits split a split name (or a synonym, as timm accepts for folders) selects."""
+    name = split.split('[')[0]
+    if name in _TRAIN_SPLITS or name in _EVAL_SPLITS:
+        return 'train' if name in _TRAIN_SPLITS else 'validation'
+    raise ValueError(f"split {split!r} not found in 'digits' (splits: 'train', 'validation')")
+
+
 def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool) -> Dataset:
-    """One split of the data named by args.data / --data-dir / --dataset."""
+    """One split of the data named by args.data / --data-dir / --dataset.
+
+    Training-only options (label noise, --seed, --train-num-samples) are read with defaults:
+    validate.py's args do not have them.
+    """
     data_dir = resolve_data_dir(args.data, args.data_dir)
+    noise = getattr(args, 'label_noise', 0.0) if is_training else 0.0
+    seed = getattr(args, 'seed', 42)
     if data_dir is None:  # embedded digits
-        noise = args.label_noise if is_training else 0.0
         return DigitsDataset(
-            'train' if is_training else 'validation',
-            label_noise=noise, noise_mode=args.label_noise_mode, noise_seed=args.seed)
-    if args.label_noise:
+            _digits_split(split), label_noise=noise, noise_mode=getattr(args, 'label_noise_mode', 'sym'),
+            noise_seed=seed)
+    if noise:
         raise ValueError("--label-noise is supported on the embedded 'digits' benchmark only")
     if not args.dataset and not any(os.scandir(data_dir)):
         raise ValueError(f"data folder {data_dir!r} is empty; it must hold class sub-folders (ImageFolder)")
     if not args.dataset:
         _check_folder_split(data_dir, split)
-    num_samples = args.train_num_samples if is_training else args.val_num_samples
+    num_samples = getattr(args, 'train_num_samples' if is_training else 'val_num_samples', None)
     dataset = create_dataset(
         args.dataset, root=data_dir, split=split, is_training=is_training, class_map=args.class_map,
-        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed,
+        download=args.dataset_download, batch_size=args.batch_size, seed=seed,
         num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB')
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data_dir!r} holds no images")

@@ -1,0 +1,96 @@
+"""Shared fixtures of the end-to-end tests of train.py and validate.py.
+
+Training runs are small (digits at 16x16 with timm's `test_resnet`, 1-2 epochs) and run
+in-process with one intra-op thread: on a few shared CPU cores, oversubscribed OpenMP threads
+make such small models many times slower. Runs that several tests read are session fixtures;
+tests must not write into their folders.
+"""
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py and validate.py are scripts beside the package
+
+# fast settings for digits runs: 16x16 inputs, no loader processes, no warmup, quiet progress
+FAST = ['--model', 'test_resnet', '--input-size', '3', '16', '16', '--workers', '0', '--warmup-epochs', '0',
+        '--log-interval', '1000']
+FOLDER_CLASSES = ('cat', 'dog', 'fox')
+FOLDER_IMAGES = 8  # per class and split
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_train(argv: List[str]) -> int:
+    """train.py's exit status for a command line, run in this process."""
+    import train
+    with one_thread():
+        return train.main(argv)
+
+
+def run_validate(argv: List[str]) -> int:
+    """validate.py's exit status for a command line, run in this process."""
+    import validate
+    with one_thread():
+        return validate.main(argv)
+
+
+@pytest.fixture
+def error_lines(caplog) -> Callable[[], List[str]]:
+    """The error messages logged so far (each must be a single line)."""
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _write_split(root: Path, split: str, seed: int) -> None:
+    """FOLDER_IMAGES 32x32 PNGs per class: a class-coloured square on noise, so classes are learnable."""
+    rng = np.random.RandomState(seed)
+    for c, name in enumerate(FOLDER_CLASSES):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(FOLDER_IMAGES):
+            img = rng.randint(0, 64, size=(32, 32, 3), dtype=np.uint8)
+            y, x = rng.randint(0, 16, size=2)
+            img[y:y + 16, x:x + 16, c] = 255
+            Image.fromarray(img).save(folder / f'{name}_{i}.png')
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory) -> Path:
+    """An ImageFolder dataset: train/ and validation/, each with FOLDER_IMAGES PNGs of 3 classes."""
+    root = tmp_path_factory.mktemp('imagenet')
+    _write_split(root, 'train', seed=0)
+    _write_split(root, 'validation', seed=1)
+    return root
+
+
+@pytest.fixture(scope='session')
+def sdpgo_run(tmp_path_factory) -> Path:
+    """Output folder of a 2-epoch SDPGO digits run (views replay)."""
+    output = tmp_path_factory.mktemp('train')
+    assert run_train(['digits', '--sdpgo', '--epochs', '2', *FAST, '--output', str(output),
+                      '--experiment', 'sdpgo']) == 0
+    return output / 'sdpgo'
+
+
+@pytest.fixture(scope='session')
+def ce_ema_run(tmp_path_factory) -> Path:
+    """Output folder of a 1-epoch cross-entropy digits run with --model-ema."""
+    output = tmp_path_factory.mktemp('train')
+    assert run_train(['digits', '--epochs', '1', '--model-ema', '--model-ema-decay', '0.9', *FAST,
+                      '--output', str(output), '--experiment', 'ce']) == 0
+    return output / 'ce'

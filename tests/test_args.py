@@ -1,0 +1,175 @@
+""" Command lines of train.py and validate.py: timm's flag names, YAML/recipe defaults, benchmark names. """
+import argparse
+
+import pytest
+
+from sdpgo_timm import args as args_module
+from sdpgo_timm.args import (
+    ConfigError, create_parser, create_validate_parser, parse_args, parse_validate_args, resolve_eval_args)
+from sdpgo_timm.data import benchmarks
+from sdpgo_timm.data.benchmarks import BENCHMARKS, resolve_data_dir
+
+TRAIN_FLAGS = (
+    '--data-dir --dataset --train-split --val-split --num-classes --model --pretrained --pretrained-path '
+    '--initial-checkpoint --model-kwargs --img-size --input-size --drop-path --grad-checkpointing --opt --lr '
+    '--lr-base --weight-decay --momentum --clip-grad --grad-accum-steps --sched --epochs --warmup-epochs --aa '
+    '--reprob --mixup --cutmix --smoothing --color-jitter --aug-repeats --amp --amp-dtype --channels-last '
+    '--model-ema --sync-bn --torchcompile --resume --output --experiment --checkpoint-hist --log-interval --seed '
+    '--workers --device --sdpgo --sdpgo-temperature --sdpgo-topk --sdpgo-beta --sdpgo-layers --sdpgo-alpha-mode '
+    '--sdpgo-alpha --sdpgo-weighting --sdpgo-replay --skd --label-noise -b --batch-size -j -c --config').split()
+VALIDATE_FLAGS = (
+    '--data-dir --model --checkpoint --use-ema --pretrained --dataset --split -b --batch-size --img-size '
+    '--input-size --crop-pct --mean --std --interpolation --num-classes --amp --amp-dtype --channels-last --device '
+    '-j --workers --num-gpu --results-file --log-freq').split()
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize('flag', TRAIN_FLAGS)
+def test_train_flag_has_timms_name(flag):
+    assert flag in create_parser()._option_string_actions
+
+
+@pytest.mark.parametrize('flag', VALIDATE_FLAGS)
+def test_validate_flag_has_timms_name(flag):
+    assert flag in create_validate_parser()._option_string_actions
+
+
+def test_shared_flags_are_defined_alike():
+    """A flag of both scripts means the same: one definition, same type, nargs and help."""
+    train = create_parser()._option_string_actions
+    for flag, action in create_validate_parser()._option_string_actions.items():
+        if flag in train and flag not in ('-h', '--help', '--model', '-b', '--batch-size'):
+            other = train[flag]
+            assert (action.dest, action.type, action.nargs, action.help) == (
+                other.dest, other.type, other.nargs, other.help), flag
+
+
+def test_timm_defaults_without_recipe():
+    args, _ = parse_args(['/some/folder'])
+    assert (args.model, args.batch_size, args.opt, args.sched, args.epochs, args.smoothing) == (
+        'resnet50', 128, 'sgd', 'cosine', 300, 0.1)
+    assert args.sdpgo is False and args.sdpgo_topk == 2 and args.sdpgo_replay == 'auto'
+
+
+def test_digits_recipe_sets_defaults():
+    args, text = parse_args(['digits', '--model', 'test_resnet'])
+    assert args.input_size == [3, 32, 32] and args.batch_size == 64 and args.lr == 0.05 and args.epochs == 8
+    assert args.mean == [0.5, 0.5, 0.5] and args.crop_pct == 1.0 and args.smoothing == 0.0
+    assert 'batch_size: 64' in text  # args.yaml records the resolved values
+
+
+def test_model_recipe_wins_over_default_recipe(tmp_path, monkeypatch):
+    (tmp_path / 'digits').mkdir()
+    _write(tmp_path / 'digits' / 'default.yaml', 'batch_size: 32\nepochs: 3\n')
+    _write(tmp_path / 'digits' / 'test_resnet.yaml', 'batch_size: 16\n')
+    monkeypatch.setattr(benchmarks, 'HPARAMS_DIR', tmp_path)
+    assert parse_args(['digits', '--model', 'test_resnet'])[0].batch_size == 16
+    args, _ = parse_args(['digits', '--model', 'resnet18'])
+    assert (args.batch_size, args.epochs) == (32, 3)
+
+
+def test_yaml_config_sets_defaults_and_command_line_wins(tmp_path):
+    config = _write(tmp_path / 'run.yaml', 'batch-size: 48\nsdpgo_topk: 3\nlr: 0.2\nsdpgo: true\n')
+    args, _ = parse_args(['-c', config, 'digits', '--lr', '0.01'])
+    assert (args.batch_size, args.sdpgo_topk, args.lr, args.sdpgo) == (48, 3, 0.01, True)
+    assert args.input_size == [3, 32, 32]  # recipe keys the config does not set stay
+
+
+def test_yaml_config_wins_over_recipe(tmp_path):
+    config = _write(tmp_path / 'run.yaml', 'batch_size: 8\n')
+    assert parse_args(['digits', '-c', config])[0].batch_size == 8
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    config = _write(tmp_path / 'run.yaml', 'batch_size: 8\nsdpgo_tempreature: 2\n')
+    with pytest.raises(ConfigError, match=r"\['sdpgo_tempreature'\].*run\.yaml"):
+        parse_args(['digits', '-c', config])
+
+
+@pytest.mark.parametrize('text, match', [
+    ('batch_size: [1, 2\n', 'is not valid YAML'),
+    ('- batch_size\n', 'must hold a mapping'),
+])
+def test_bad_yaml_is_one_line_error_naming_the_file(tmp_path, text, match):
+    config = _write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_args(['digits', '-c', config])
+    assert 'bad.yaml' in str(info.value) and '\n' not in str(info.value)
+
+
+def test_missing_yaml_config(tmp_path):
+    with pytest.raises(ConfigError, match='does not exist'):
+        parse_args(['digits', '-c', str(tmp_path / 'none.yaml')])
+
+
+def test_benchmark_names(tmp_path, monkeypatch):
+    assert set(BENCHMARKS) >= {'digits', 'imagenet'}
+    assert resolve_data_dir('digits', None) is None
+    monkeypatch.setenv('IMAGENET_DIR', str(tmp_path))
+    assert resolve_data_dir('imagenet', None) == str(tmp_path)
+    other = tmp_path / 'other'
+    other.mkdir()
+    assert resolve_data_dir('imagenet', str(other)) == str(other)  # --data-dir wins over the variable
+    assert resolve_data_dir(str(other), None) == str(other)  # a folder is a folder
+    monkeypatch.delenv('IMAGENET_DIR')
+    with pytest.raises(ValueError, match='IMAGENET_DIR'):
+        resolve_data_dir('imagenet', None)
+    monkeypatch.setenv('IMAGENET_DIR', str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='does not exist'):
+        resolve_data_dir('imagenet', None)
+
+
+def test_unknown_benchmark_lists_known_names():
+    with pytest.raises(ValueError, match='known benchmarks: digits, imagenet'):
+        resolve_data_dir('cifar1000', None)
+
+
+def test_no_data_given():
+    with pytest.raises(ValueError, match='no data given'):
+        resolve_data_dir(None, None)
+
+
+def test_validate_defaults_are_timms():
+    args = parse_validate_args(['digits'])
+    assert (args.split, args.batch_size, args.workers, args.num_gpu, args.model, args.checkpoint) == (
+        'validation', 256, 4, 1, None, '')
+
+
+def test_validate_results_file_must_be_csv_or_json():
+    assert parse_validate_args(['digits', '--results-file', 'r.JSON']).results_file == 'r.JSON'
+    with pytest.raises(ConfigError, match=r'\.csv or \.json'):
+        parse_validate_args(['digits', '--results-file', 'r.txt'])
+
+
+def test_eval_args_command_line_then_checkpoint_then_recipe():
+    saved = argparse.Namespace(model='test_resnet', input_size=[3, 16, 16], num_classes=10, crop_pct=None,
+                               mean=[0.1, 0.2, 0.3], bn_eps=1e-3, epochs=5)
+    args = resolve_eval_args(parse_validate_args(['digits', '--mean', '0.4', '0.4', '0.4']), saved)
+    assert args.model == 'test_resnet'
+    assert args.input_size == [3, 16, 16] and args.num_classes == 10 and args.bn_eps == 1e-3  # checkpoint
+    assert args.mean == [0.4, 0.4, 0.4]  # command line
+    assert args.crop_pct == 1.0 and args.std == [0.5, 0.5, 0.5]  # digits recipe
+    assert not hasattr(args, 'epochs')  # training-only options stay out
+
+
+def test_eval_args_need_a_model():
+    with pytest.raises(ConfigError, match='--model'):
+        resolve_eval_args(parse_validate_args(['digits']), None)
+    assert resolve_eval_args(parse_validate_args(['/data', '--model', 'resnet18'])).input_size is None
+
+
+def test_eval_args_from_a_plain_dict():
+    args = resolve_eval_args(parse_validate_args(['/data']), {'model': 'resnet18', 'img_size': 64})
+    assert (args.model, args.img_size) == ('resnet18', 64)
+
+
+def test_eval_input_size_options_come_from_one_source():
+    """--img-size on the command line replaces the checkpoint's --input-size instead of conflicting with it."""
+    saved = {'model': 'resnet18', 'input_size': [3, 16, 16], 'in_chans': 3}
+    args = resolve_eval_args(parse_validate_args(['digits', '--img-size', '24']), saved)
+    assert (args.img_size, args.input_size, args.in_chans) == (24, None, None)
+    assert any({'img_size', 'input_size'} <= set(group) for group in args_module.EVAL_ARGS)

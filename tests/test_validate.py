@@ -1,0 +1,108 @@
+""" validate.py on checkpoints written by train.py: same numbers as training's evaluation, results files, errors. """
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_validate
+
+
+def last_summary_row(run):
+    with open(run / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def read_results(path):
+    if path.suffix == '.json':
+        return json.loads(path.read_text())
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_top1_matches_training_evaluation(sdpgo_run, tmp_path, capsys):
+    """The data config (16x16, recipe mean/std/crop) comes from the checkpoint; --model from its arch."""
+    row = last_summary_row(sdpgo_run)
+    for name in ('results.csv', 'results.json'):
+        assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '-b', '64',
+                             '--workers', '0', '--results-file', str(tmp_path / name)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith('--result\n')
+    result, = json.loads(printed.split('--result\n')[-1])
+    assert result['model'] == 'test_resnet' and result['split'] == 'validation'
+    assert result['top1'] == pytest.approx(float(row['eval_top1']), abs=1e-4)
+    assert result['top5'] == pytest.approx(float(row['eval_top5']), abs=1e-4)
+    assert result['loss'] == pytest.approx(float(row['eval_loss']), abs=1e-4)
+    assert result['img_size'] == 16 and result['crop_pct'] == 1.0 and result['img_per_sec'] > 0
+    csv_row, = read_results(tmp_path / 'results.csv')
+    json_row, = read_results(tmp_path / 'results.json')
+    assert json_row == result
+    assert float(csv_row['top1']) == result['top1'] and csv_row['checkpoint'] == str(sdpgo_run / 'last.pth.tar')
+
+
+def test_ema_weights_match_training_evaluation(ce_ema_run, capsys):
+    """With --model-ema, train.py reports the EMA model's metrics; --use-ema evaluates the same weights."""
+    row = last_summary_row(ce_ema_run)
+    assert run_validate(['digits', '--model', 'test_resnet', '--checkpoint', str(ce_ema_run / 'last.pth.tar'),
+                         '--use-ema', '-b', '64', '--workers', '0']) == 0
+    result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+    assert result['top1'] == pytest.approx(float(row['eval_top1']), abs=1e-4)
+
+
+def test_checkpoint_folder_gives_one_result_per_checkpoint(ce_ema_run, tmp_path):
+    results = tmp_path / 'all.json'
+    assert run_validate(['digits', '--checkpoint', str(ce_ema_run), '--workers', '0',
+                         '--results-file', str(results)]) == 0
+    rows = read_results(results)
+    assert [r['checkpoint'].rsplit('/', 1)[-1] for r in rows] == [
+        'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert len({r['top1'] for r in rows}) == 1  # one epoch: the same weights three times
+
+
+def test_other_split_and_explicit_data_config(sdpgo_run, capsys):
+    assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--split', 'train',
+                         '--img-size', '24', '--workers', '0', '--log-freq', '0']) == 0
+    result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+    assert result['split'] == 'train' and result['img_size'] == 24
+
+
+def test_channels_last_and_amp_run_on_cpu(sdpgo_run, capsys):
+    assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--channels-last', '--amp',
+                         '--amp-dtype', 'bfloat16', '--device', 'cpu', '--workers', '0']) == 0
+    result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+    assert 0 <= result['top1'] <= 100
+
+
+@pytest.mark.parametrize('case', ['missing checkpoint', 'unknown model', 'other architecture', 'other classes',
+                                  'no ema', 'not a checkpoint', 'bad results file', 'num gpu on cpu',
+                                  'missing split', 'no model'])
+def test_bad_input_is_one_line_and_exit_2(case, sdpgo_run, tmp_path, error_lines):
+    last = str(sdpgo_run / 'last.pth.tar')
+    not_checkpoint = tmp_path / 'notes.pth.tar'
+    not_checkpoint.write_text('not a checkpoint')
+    argv, message = {
+        'missing checkpoint': (['--checkpoint', str(tmp_path / 'none.pth.tar')], 'does not exist'),
+        'unknown model': (['--model', 'resnet_nonesuch'], "unknown model 'resnet_nonesuch'"),
+        'other architecture': (['--model', 'resnet10t', '--checkpoint', last], "holds a 'test_resnet' model"),
+        'other classes': (['--checkpoint', last, '--num-classes', '5'], 'does not fit'),
+        'no ema': (['--checkpoint', last, '--use-ema'], 'no EMA weights'),
+        'not a checkpoint': (['--checkpoint', str(not_checkpoint)], 'not a timm training checkpoint'),
+        'bad results file': (['--checkpoint', last, '--results-file', str(tmp_path / 'r.txt')], '.csv or .json'),
+        'num gpu on cpu': (['--checkpoint', last, '--num-gpu', '2', '--device', 'cpu'], '--num-gpu 2'),
+        'missing split': (['--checkpoint', last, '--split', 'test'], "split 'test' not found"),
+        'no model': ([], '--model'),
+    }[case]
+    assert run_validate(['digits', *argv, '--workers', '0']) == 2
+    errors = error_lines()
+    assert len(errors) == 1 and '\n' not in errors[0], errors
+    assert message in errors[0]
+    assert not (tmp_path / 'r.txt').exists()
+
+
+def test_command_line_exit_status_and_message(tmp_path):
+    done = subprocess.run([sys.executable, 'validate.py', 'digits', '--checkpoint', str(tmp_path / 'none.pth.tar')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count('\n') == 0 and 'does not exist' in done.stderr
+    assert done.stdout == ''
