@@ -1,21 +1,31 @@
 """Relatives of SDPGO run on the same machinery, for like-for-like comparisons.
 
-DLB (Shen et al., CVPR 2022) is SIL with the full teacher distribution, α fixed at 1,
-additive weighting and τ = 3: a preset of SDPGOTask, so both share one code path.
+'dlb' (Shen et al., CVPR 2022) is a preset of SDPGOTask (one forward of [replay; fresh]), so
+both share one code path; 'dlb2' is DLB with the authors' two forwards per step
+(DLBTwoForwardTask); 'pskd' is PS-KD (Kim et al., ICCV 2021), a per-sample table of
+last-epoch predictions (PSKDTask).
 """
-from typing import Any, Dict
+from typing import Any, Dict, Type
 
 import torch.nn as nn
+from timm.task import TrainingTask
 
+from .dlb import DLB_PRESET, DLBTwoForwardTask
+from .pskd import PSKDTask
 from .task import SDPGOTask
 
-DLB_PRESET: Dict[str, Any] = dict(temperature=3.0, topk=-1, alpha_mode='fixed', alpha=1.0, weighting='additive')
-
 SKD_PRESETS: Dict[str, Dict[str, Any]] = {'sdpgo': {}, 'dlb': DLB_PRESET}
+SKD_TASKS: Dict[str, Type[TrainingTask]] = {'dlb2': DLBTwoForwardTask, 'pskd': PSKDTask}
 
 
-def create_skd_task(model: nn.Module, skd: str = 'sdpgo', **kwargs) -> SDPGOTask:
-    """An SDPGOTask configured by a preset name; preset values override `kwargs`."""
+def create_skd_task(model: nn.Module, skd: str = 'sdpgo', **kwargs) -> TrainingTask:
+    """An SKD task by name.
+
+    An SDPGOTask preset (preset values override `kwargs`), or a task of SKD_TASKS built from
+    `kwargs` ('pskd' needs num_samples and epochs).
+    """
+    if skd in SKD_TASKS:
+        return SKD_TASKS[skd](model, **kwargs)
     if skd not in SKD_PRESETS:
-        raise ValueError(f"skd must be one of {tuple(SKD_PRESETS)}, got {skd!r}")
+        raise ValueError(f"skd must be one of {(*SKD_PRESETS, *SKD_TASKS)}, got {skd!r}")
     return SDPGOTask(model, **{**kwargs, **SKD_PRESETS[skd]})

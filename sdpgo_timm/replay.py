@@ -5,7 +5,8 @@ the samples of the previous fresh half N_{t-1}, in the same order, re-read from 
 that they come back as new augmented views. This module supplies that batch order
 (`ReplayBatchSampler`), a loader that also reports each batch's dataset indices
 (`create_replay_loader`), and Mixup/CutMix that mixes a replay half exactly like its fresh
-half was mixed one step earlier (`ReplayMixup`).
+half was mixed one step earlier (`ReplayMixup`). `create_indexed_loader` is timm's own loader
+with the same indices and no replay, for PS-KD's per-sample table.
 """
 import copy
 import math
@@ -17,12 +18,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, create_loader, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.loader import PrefetchLoader, _worker_init, fast_collate
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
-__all__ = ['ReplayBatchSampler', 'ReplayLoader', 'create_replay_loader', 'ReplayMixup']
+__all__ = ['ReplayBatchSampler', 'ReplayLoader', 'create_replay_loader', 'IndexedLoader', 'create_indexed_loader',
+           'ReplayMixup']
 
 
 class ReplayBatchSampler(Sampler[List[int]]):
@@ -150,6 +152,15 @@ class _IndexedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def transform(self) -> Any:
+        """The wrapped dataset's transform, so that loaders which set it (timm's) reach the images."""
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Any) -> None:
+        self.dataset.transform = transform
 
 
 class _IndexedCollate:
@@ -319,6 +330,43 @@ def create_replay_loader(
             re_count=re_count,
         )
     return ReplayLoader(loader, sampler, dataset)
+
+
+class IndexedLoader:
+    """Iterate (input, target, index) batches of a timm loader built over indexed samples."""
+
+    def __init__(self, loader: Union[DataLoader, PrefetchLoader]):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for input, packed in self.loader:
+            yield input, packed[0], packed[1]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self) -> Any:
+        """The loader's sampler (a DistributedSampler under DDP: call its set_epoch)."""
+        return self.loader.sampler
+
+
+def create_indexed_loader(
+        dataset: Dataset,
+        input_size: Union[int, Tuple[int, int], Tuple[int, int, int]],
+        batch_size: int,
+        **kwargs: Any,
+) -> IndexedLoader:
+    """timm's `create_loader` whose batches also carry their int64 dataset indices.
+
+    `kwargs` are `timm.data.create_loader`'s (not `collate_fn`, which carries the indices, nor
+    scheduled input sizes); the indices arrive on the device of the targets, as in
+    `create_replay_loader`, and targets must be class indices.
+    """
+    collate = fast_collate if kwargs.get('use_prefetcher', True) else default_collate
+    loader = create_loader(
+        _IndexedDataset(dataset), input_size, batch_size, collate_fn=_IndexedCollate(collate), **kwargs)
+    return IndexedLoader(loader)
 
 
 # {'mode', 'size', 'lam': [λ per draw], 'boxes': [[yl, yh, xl, xh] or None per draw]}; one draw per
