@@ -10,23 +10,25 @@ import logging
 import os
 import sys
 from datetime import datetime
+from functools import partial
 
 import torch
 from timm.data import resolve_data_config
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import NativeScaler, distribute_bn, get_outdir, random_seed, setup_default_logging, update_summary
+from timm.utils import NativeScaler, distribute_bn, random_seed, setup_default_logging
 
 from sdpgo_timm.args import ConfigError, parse_args
-from sdpgo_timm.checkpoint import CheckpointError, TrainCheckpointSaver
+from sdpgo_timm.checkpoint import CheckpointError, TrainCheckpointSaver, WriteError, append_summary, truncate_summary
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.engine import NonFiniteLossError, train_one_epoch, validate
+from sdpgo_timm.preemption import PREEMPTED_EXIT, Preempted, PreemptionSignal
+from sdpgo_timm.recovery import RecoveryCheckpoints, restore_recovery
 from sdpgo_timm.runtime import (
-    create_autocast, create_eval_loader, create_timm_model, gather_task_states, init_device, mixup_extra_state,
-    resolve_lr, resume_training)
-from sdpgo_timm.training import (
-    create_mixup, create_train_loader, create_train_task, resolve_replay, skd_method)
+    ResumePoint, create_autocast, create_eval_loader, create_output_dir, create_timm_model, gather_rank_states,
+    init_device, resolve_lr, resolve_resume, resume_training)
+from sdpgo_timm.training import create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method
 
 _logger = logging.getLogger('train')
 
@@ -38,6 +40,7 @@ def run(args, args_text: str) -> dict:
 
     dataset_train = create_split_dataset(args, args.train_split, is_training=True)
     dataset_eval = create_split_dataset(args, args.val_split, is_training=False)
+    skipped = getattr(dataset_train, 'skipped', None)
     model = create_timm_model(args, dataset_train)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     model.to(device)
@@ -47,8 +50,8 @@ def run(args, args_text: str) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     method = skd_method(args)
-    replay = resolve_replay(args, dataset_train) if method in ('sdpgo', 'dlb') else None
-    task = create_train_task(args, model, replay, device)
+    data_path = resolve_data_path(args, dataset_train)
+    task = create_train_task(args, model, data_path, device, num_samples=len(dataset_train))
     resolve_lr(args)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
 
@@ -58,15 +61,19 @@ def run(args, args_text: str) -> dict:
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-    loader_train, fresh_size = create_train_loader(args, dataset_train, data_config, device, replay)
+    loader_train, fresh_size = create_train_loader(args, dataset_train, data_config, device, data_path)
+    if args.recovery_interval and not loader_train.resumable:
+        raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
-    mixup_fn = create_mixup(args, model.num_classes, replay_aware=replay is not None)
+    mixup_fn = create_mixup(args, model.num_classes, replay_aware=data_path is not None)
 
-    start_epoch = 0
-    if args.resume:
-        start_epoch = resume_training(args, task, optimizer, loss_scaler, mixup_fn)
+    resume_path = resolve_resume(args)
+    point = ResumePoint()
+    if resume_path:
+        point = resume_training(args, resume_path, task, optimizer, loss_scaler, mixup_fn)
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        point = ResumePoint(args.start_epoch)
+    meter = restore_recovery(point.recovery, loader_train, device, skipped) if point.recovery else None
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
@@ -76,71 +83,80 @@ def run(args, args_text: str) -> dict:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
         updates_per_epoch=updates_per_epoch)
-    if start_epoch > 0:
+    num_updates = point.epoch * updates_per_epoch if point.num_updates is None else point.num_updates
+    if num_updates > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            lr_scheduler.step_update(num_updates)
         else:
-            lr_scheduler.step(start_epoch)
+            lr_scheduler.step(point.epoch)
 
     output_dir = saver = None
-    rank_states = {}
     if primary:
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
-        output_dir = get_outdir(args.output or './output/train', exp_name)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        output_dir = create_output_dir(args, exp_name, args_text)
         saver = TrainCheckpointSaver(
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
             recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
-            task=task, extra_state=lambda: {**rank_states, **mixup_extra_state(mixup_fn)})
-        if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)  # resumed in place: keep the best and the history
+            task=task)
+        if resume_path and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), output_dir):
+            # resumed in place: keep the best, the history and the recovery files; epochs to redo lose their rows
+            saver.load_state_dict_from_checkpoint(resume_path)
+            saver.adopt_recovery_files()
+            truncate_summary(os.path.join(output_dir, 'summary.csv'), point.epoch)
         _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
 
+    collect = partial(gather_rank_states, task, mixup_fn, args)
     eval_model = task.get_eval_model()
     best = None
-    num_updates = start_epoch * updates_per_epoch
-    for epoch in range(start_epoch, num_epochs):
-        random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
-        if hasattr(loader_train, 'set_epoch'):
+    with PreemptionSignal(args.distributed, device) as preemption:
+        recovery = RecoveryCheckpoints(interval=args.recovery_interval, loader=loader_train, preemption=preemption,
+                                       collect=collect, saver=saver, skipped=skipped)
+        for epoch in range(point.epoch, num_epochs):
+            random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
             loader_train.set_epoch(epoch)
-        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        if hasattr(task, 'set_epoch'):
-            task.set_epoch(epoch)
+            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            if hasattr(task, 'set_epoch'):
+                task.set_epoch(epoch)
 
-        train_metrics = train_one_epoch(
-            epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size, lr_scheduler=lr_scheduler,
-            mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
-            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-            channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
-            log_interval=args.log_interval, log_enabled=primary)
-        num_updates = int(train_metrics.pop('num_updates'))
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+            train_metrics = train_one_epoch(
+                epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size,
+                lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
+                grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
+                log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch))
+            meter = None
+            num_updates = int(train_metrics.pop('num_updates'))
+            train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
-        eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
-                                channels_last=args.channels_last, distributed=args.distributed,
-                                world_size=args.world_size)
-        if task.has_ema() and not args.model_ema_force_cpu:
-            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
-                                    amp_autocast=amp_autocast, channels_last=args.channels_last,
-                                    distributed=args.distributed, world_size=args.world_size)
-        metric = eval_metrics[args.eval_metric]
-        lr_scheduler.step(epoch + 1, metric)
-        rank_states = gather_task_states(task, args)
-        if primary:
-            lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
-            _logger.info(
-                f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
-                f"{train_metrics['samples']} samples, {train_metrics['img_per_sec']:.1f} img/s) | "
-                f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} loss {eval_metrics['loss']:.4f}")
-            best = saver.save_checkpoint(epoch, metric=metric)
+            eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
+                                    channels_last=args.channels_last, distributed=args.distributed,
+                                    world_size=args.world_size)
+            if task.has_ema() and not args.model_ema_force_cpu:
+                eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
+                                        amp_autocast=amp_autocast, channels_last=args.channels_last,
+                                        distributed=args.distributed, world_size=args.world_size)
+            metric = eval_metrics[args.eval_metric]
+            lr_scheduler.step(epoch + 1, metric)
+            extra = collect()
+            if primary:
+                lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+                unreadable = f", {train_metrics['skipped']} unreadable skipped" if train_metrics['skipped'] else ''
+                _logger.info(
+                    f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
+                    f"{train_metrics['samples']} samples{unreadable}, {train_metrics['img_per_sec']:.1f} img/s) | "
+                    f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
+                    f"loss {eval_metrics['loss']:.4f}")
+                # the row first: a run stopped before its checkpoint trains the epoch again and rewrites the row
+                append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
+                best = saver.save_checkpoint(epoch, metric=metric, extra=extra)
+            if epoch + 1 < num_epochs and preemption.stopping(wait=True):
+                raise Preempted(f"preempted by {preemption.name} at the end of epoch {epoch}; its checkpoint is "
+                                "saved. Resume with the same command and --resume auto.")
 
     result = dict(output_dir=output_dir, best_metric=best[0] if best else None, best_epoch=best[1] if best else None)
     if primary and args.push_to_hub and output_dir:
@@ -153,6 +169,8 @@ def run(args, args_text: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 preempted (resume with --resume auto), 5 a write
+    failed (disk full, permissions)."""
     if not logging.root.handlers:  # once per process: main() may run several times in one (tests, notebooks)
         setup_default_logging()
     try:
@@ -164,6 +182,12 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         _logger.error(f"error: {e}")
         return 3
+    except Preempted as e:
+        _logger.error(str(e))
+        return PREEMPTED_EXIT
+    except WriteError as e:
+        _logger.error(f"error: {e}")
+        return 5
     return 0
 
 

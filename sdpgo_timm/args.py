@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration file or option that cannot be used; the message says how to fix it."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown option, a value of the wrong type) are one-line ConfigErrors."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+
 def _add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     parser.add_argument('data', nargs='?', metavar='DIR_OR_BENCHMARK', default=None,
                         help=f'data directory, or a benchmark name: {", ".join(BENCHMARKS)}')
@@ -71,7 +78,8 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                            help='load this checkpoint into the model after initialisation')
         group.add_argument('--resume', default='', type=str, metavar='PATH',
-                           help='resume model, optimizer and SDPGO state from checkpoint')
+                           help='resume model, optimizer and SDPGO state from checkpoint; "auto": the newest '
+                                'checkpoint of --output/--experiment that loads (none: start from the beginning)')
         group.add_argument('--no-resume-opt', action='store_true', default=False,
                            help='prevent resume of optimizer state when resuming model')
     else:
@@ -246,6 +254,8 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
         group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                            help='number of checkpoints to keep')
+        group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                           help='save a recovery checkpoint every N optimizer steps, to resume mid-epoch (0: off)')
     else:
         group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
         group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
@@ -270,7 +280,7 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
 
 def create_parser() -> argparse.ArgumentParser:
     """train.py's parser."""
-    parser = argparse.ArgumentParser(description='timm training with SDPGO self-distillation')
+    parser = ArgumentParser(description='timm training with SDPGO self-distillation')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML file whose keys set defaults (the command line wins)')
     _add_data_args(parser)
@@ -284,7 +294,7 @@ def create_parser() -> argparse.ArgumentParser:
 
 def create_validate_parser() -> argparse.ArgumentParser:
     """validate.py's parser: timm's validate.py flags, defined by the same functions as train.py's."""
-    parser = argparse.ArgumentParser(description='evaluate timm models and SDPGO training checkpoints')
+    parser = ArgumentParser(description='evaluate timm models and SDPGO training checkpoints')
     _add_data_args(parser, training=False)
     _add_model_args(parser, training=False)
     _add_misc_args(parser, training=False)
@@ -303,13 +313,48 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         raise ConfigError(f"config file {path!r} is not valid YAML: {reason}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in cfg if k.replace('-', '_') not in known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in cfg if k.replace('-', '_') not in actions)
     if unknown:
         raise ConfigError(
             f"unknown key(s) {unknown} in config file {path!r}; keys are option names such as 'batch_size', "
             f"'sdpgo_topk' (see --help)")
-    return {k.replace('-', '_'): v for k, v in cfg.items()}
+    cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
+    for key, value in cfg.items():
+        _check_yaml_number(key, value, actions[key], path)
+    return cfg
+
+
+def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str) -> None:
+    """A ConfigError unless a numeric option's value is a number (or a list of them), or text that reads as one."""
+    if action.type not in (int, float) or value is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool) or (action.type is int and isinstance(item, float)):
+            fits = False
+        else:
+            try:
+                action.type(item)
+                fits = True
+            except (TypeError, ValueError):
+                fits = False
+        if not fits:
+            kind = 'an integer' if action.type is int else 'a number'
+            raise ConfigError(f"{key}: {value!r} in config file {path!r} is not {kind}")
+
+
+# options that must lie in a range: (name, minimum)
+_TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('lr', 0), ('workers', 0), ('grad_accum_steps', 1),
+                 ('checkpoint_hist', 1), ('recovery_interval', 0))
+_VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0))
+
+
+def _check_minima(args: argparse.Namespace, minima) -> None:
+    """A ConfigError naming the first option below its minimum."""
+    for name, minimum in minima:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
 def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None
@@ -326,6 +371,9 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
         defaults.update(load_yaml_defaults(first.config, parser))
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    _check_minima(args, _TRAIN_MINIMA)
+    if args.resume == 'auto' and not args.experiment:
+        raise ConfigError("--resume auto needs --experiment NAME (and --output): it resumes the run in that folder")
     return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)
 
 
@@ -339,6 +387,7 @@ RESULTS_FORMATS = ('.csv', '.json')
 def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse validate.py's command line; a results file other than .csv/.json is a ConfigError."""
     args = create_validate_parser().parse_args(argv)
+    _check_minima(args, _VALIDATE_MINIMA)
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in RESULTS_FORMATS:
         raise ConfigError(f"--results-file {args.results_file!r} must end in {' or '.join(RESULTS_FORMATS)}")
     return args

@@ -4,41 +4,115 @@
 model_best, recovery-E-B; same keys) whose writes go to a temporary file in the same
 folder, are flushed and fsynced, then renamed over the target, so a crash or a full disk
 never leaves a half-written checkpoint and never harms the previous one. It also stores
-`extra_state()` (replay Mixup parameters, sampler position) beside timm's keys.
-Loading is data-only (`weights_only=True`); a file that needs arbitrary pickle is refused.
+extra state (replay caches and Mixup records of every process, the position inside an
+epoch) beside timm's keys. The run's other files (args.yaml, summary.csv) are replaced the
+same way. Loading is data-only (`weights_only=True`); a file that needs arbitrary pickle is
+refused. `find_resume_checkpoint` picks what `--resume auto` continues from.
 """
 import argparse
+import csv
+import errno
+import glob
+import io
+import logging
 import os
 import re
-from typing import Any, Callable, Dict, Optional
+import shutil
+from typing import Any, Callable, Dict, IO, Optional, Tuple
 
 import torch
 
-from timm.utils import CheckpointSaver
+from timm.utils import CheckpointSaver, update_summary
+from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+_logger = logging.getLogger('train')
+
+POSITION = 'position'  # {'epoch', 'step', 'num_updates'} of a recovery checkpoint
+_TMP = '.tmp-'
+_TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
 
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message says why and what to do."""
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+class WriteError(RuntimeError):
+    """A checkpoint or run file could not be written (disk full, permissions); the previous one is intact."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync, rename over `path`.
+
+    A failure removes the temporary file, leaves `path` as it was and raises a WriteError.
+    """
+    tmp = f"{path}{_TMP}{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _write_error(path: str, error: OSError) -> WriteError:
+    code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ''
+    return WriteError(
+        f"could not write {path!r}: {error.strerror or error}{code}; the previous file is unchanged. Free space or "
+        "fix permissions, then continue with --resume auto.")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to `path` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: str, lr: float) -> None:
+    """timm's update_summary row, written atomically: earlier rows survive any crash or failed write."""
+    def write(f):
+        if os.path.exists(path):
+            with open(path, 'rb') as old:
+                shutil.copyfileobj(old, f)
+        f.flush()
+        update_summary(epoch, train_metrics, eval_metrics, f.name, lr=lr)
+    atomic_write(path, write)
+
+
+def truncate_summary(path: str, start_epoch: int) -> None:
+    """Drop summary rows of epochs >= start_epoch (a run resumed in place trains them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = reader.fieldnames or []
+    kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, buffer.getvalue())
+    _logger.info(f"Removed {len(rows) - len(kept)} summary row(s) of epochs >= {start_epoch}: they are trained again")
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
@@ -50,29 +124,139 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        message = str(e)
-        if 'Unsupported global' in message:
-            raise CheckpointError(
-                f"{str(path)!r} needs arbitrary code to load (refused: files are loaded with weights_only=True). "
-                "If you trust it, load it once with torch.load(..., weights_only=False) and re-save only its "
-                "tensors (state_dict).") from None
-        # torch's own message suggests weights_only=False: report only what it could not read
-        detail = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', message)
-        reason = detail.group(1) if detail else (message.strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{str(path)!r} is not a timm training checkpoint: torch.load(weights_only=True) cannot read it "
-            f"({reason}). {fix}") from None
+        raise CheckpointError(_load_error(path, e, fix)) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
         raise CheckpointError(f"{str(path)!r} is not a timm training checkpoint: it has no 'state_dict'. {fix}")
     return checkpoint
 
 
-class TrainCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver with atomic writes and extra resume state."""
+def _load_error(path: str, error: Exception, fix: str = '') -> str:
+    """One line saying why torch.load(weights_only=True) refused or failed; never advises weights_only=False."""
+    message = str(error)
+    code = re.search(r'unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)', message, re.IGNORECASE)
+    if code:
+        return (f"{str(path)!r} needs arbitrary code to load ({code.group(1)}): refused, files are loaded as data "
+                "only (weights_only=True). If you trust it, load it once with torch.load(..., weights_only=False) "
+                "and re-save only its tensors (state_dict).")
+    detail = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', message)
+    if detail:
+        reason = detail.group(1)
+    else:  # the first sentence: torch's own messages go on to suggest weights_only=False
+        reason = (message.strip().splitlines() or [type(error).__name__])[0].split('. ')[0]
+        if _is_zip(path):
+            reason = f"the file is truncated or corrupt: {reason}"
+    return (f"{str(path)!r} is not a timm training checkpoint: torch.load(weights_only=True) cannot read it "
+            f"({reason}). {fix}").strip()
 
-    def __init__(self, *args, extra_state: Optional[Callable[[], Dict[str, Any]]] = None, **kwargs):
+
+def _is_zip(path: str) -> bool:
+    """Whether a file starts as torch.save's zip archives do."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(4) == b'PK\x03\x04'
+    except OSError:
+        return False
+
+
+def resume_position(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, batches already trained in it) where a run resumed from this checkpoint continues."""
+    position = checkpoint.get(POSITION)
+    if position is not None:
+        return int(position['epoch']), int(position['step'])
+    return int(checkpoint.get('epoch', -1)) + 1, 0
+
+
+_RESUME_NAMES = ('last', 'checkpoint-', 'recovery-', 'model_best')  # tie order: same position, earlier wins
+
+
+def find_resume_checkpoint(folder: str) -> Optional[str]:
+    """The checkpoint of `folder` furthest into training that loads (recovery files included); None if none.
+
+    Each file is read as data only (tensors memory-mapped where the format allows); one that
+    does not load (e.g. truncated) is skipped with a warning naming it.
+    """
+    found = []
+    for path in glob.glob(os.path.join(folder, '*.pth.tar')):
+        name = os.path.basename(path)
+        rank = next((i for i, prefix in enumerate(_RESUME_NAMES) if name.startswith(prefix)), None)
+        if rank is None:  # timm's tmp.pth.tar / recovery_tmp.pth.tar and files of others
+            continue
+        try:
+            try:
+                checkpoint = load_checkpoint_metadata(path)
+            except Exception:  # no memory map for this file: read it whole, or say why it does not load
+                checkpoint = load_checkpoint_file(path)
+            epoch, step = resume_position(checkpoint)
+        except CheckpointError as e:
+            _logger.warning(f"--resume auto: skipping a checkpoint that does not load: {e}")
+            continue
+        found.append(((-epoch, -step, rank), path))
+    return min(found)[1] if found else None
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Remove temporary files of saves killed before their rename (their process is gone), and timm's."""
+    for path in glob.glob(os.path.join(folder, f'*{_TMP}*')) + [
+            os.path.join(folder, name) for name in ('tmp.pth.tar', 'recovery_tmp.pth.tar')]:
+        match = _TMP_FILE.match(path)
+        pid = int(match.group(1)) if match else None
+        if os.path.exists(path) and (pid is None or pid == os.getpid() or not _alive(pid)):
+            os.remove(path)
+            _logger.info(f"Removed {path!r}, left by a save that was interrupted")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+class TrainCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver with atomic writes and extra resume state.
+
+    `save_checkpoint(..., extra=)` and `save_recovery(..., extra=)` store `extra` beside
+    timm's keys; `last`, `model_best` and the epoch copies change only by an atomic rename
+    of a complete file.
+    """
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.extra_state = extra_state
+        self._extra: Dict[str, Any] = {}
+        remove_stale_temporaries(self.checkpoint_dir)
+
+    def save_checkpoint(self, epoch, metric=None, extra: Optional[Dict[str, Any]] = None):
+        self._extra = extra or {}
+        try:
+            return super().save_checkpoint(epoch, metric)
+        finally:
+            self._extra = {}
+
+    def save_recovery(self, epoch, batch_idx=0, extra: Optional[Dict[str, Any]] = None) -> str:
+        """timm's recovery-<epoch>-<batch_idx> file (the two newest are kept); returns its path."""
+        self._extra = extra or {}
+        try:
+            super().save_recovery(epoch, batch_idx)
+        finally:
+            self._extra = {}
+        return self.curr_recovery_file
+
+    def adopt_recovery_files(self) -> None:
+        """Take over the recovery files of the run resumed in place: the two newest are cleaned up in turn, older
+        ones (left by a kill between a save and its clean-up) now."""
+        files = []
+        for path in glob.glob(os.path.join(self.recovery_dir, f'{self.recovery_prefix}-*{self.extension}')):
+            numbers = re.findall(r'\d+', os.path.basename(path))
+            if len(numbers) == 2:
+                files.append((tuple(map(int, numbers)), path))
+        files = [p for _, p in sorted(files)]
+        for path in files[:-2]:
+            os.remove(path)
+            _logger.info(f"Removed {path!r}: older than the two newest recovery checkpoints")
+        self.prev_recovery_file, self.curr_recovery_file = ([''] * 2 + files)[-2:]
 
     def _save(self, save_path, epoch, metric=None):
         """timm's checkpoint keys (model and EMA through the task) plus extra state, saved atomically."""
@@ -82,15 +266,28 @@ class TrainCheckpointSaver(CheckpointSaver):
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
         state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
         state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
-        if self.extra_state is not None:
-            state.update(self.extra_state())
+        state.update(self._extra)
         if metric is not None:
             state['metric'] = metric
-        state['saver'] = self.state_dict(epoch, metric)
+        # a recovery checkpoint is not an epoch's: nothing pending for the checkpoint history
+        state['saver'] = self.state_dict(None if POSITION in self._extra else epoch, metric)
         atomic_save(state, save_path)
 
+    def _replace(self, src, dst):
+        """Rename over `dst` (atomic): `dst` always exists, old or new, never missing or partial."""
+        os.replace(src, dst)
+        _fsync_dir(dst)
+
     def _duplicate(self, src, dst):
-        """Hard link (or copy) to a temporary name, then rename: `dst` is never partial."""
-        tmp = f"{dst}.tmp-{os.getpid()}"
-        super()._duplicate(src, tmp)
-        os.replace(tmp, dst)
+        """Hard link (or copy and fsync) to a temporary name, then rename: `dst` is never partial."""
+        tmp = f"{dst}{_TMP}{os.getpid()}"
+        try:
+            super()._duplicate(src, tmp)
+            if not self.can_hardlink:
+                with open(tmp, 'rb+') as f:
+                    os.fsync(f.fileno())
+            self._replace(tmp, dst)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise _write_error(dst, e) from None

@@ -3,20 +3,22 @@
 One loop serves plain timm training (ClassificationTask) and the self-distillation tasks:
 the loader yields (input, target) or, for index-aware data paths, (input, target, index);
 Mixup is applied here, the task computes the loss, timm's NativeScaler (or a plain
-backward) steps the optimizer, and the epoch's metrics come back as a dict.
+backward) steps the optimizer, and the epoch's metrics come back as a dict. Their running
+sums live in a `TrainMeter`, which a recovery checkpoint saves to continue an epoch.
 """
+import inspect
 import logging
 import math
 import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from timm.task import ClassificationTask, TrainingTask
+from timm.task import TrainingTask
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
 _logger = logging.getLogger('train')
@@ -65,6 +67,54 @@ def _unpack(batch, device: torch.device):
     return input.to(device), target.to(device), index
 
 
+class TrainMeter:
+    """Running sums of one epoch's loss parts and its counts, on the device (no per-step host sync).
+
+    `state_dict()` goes into recovery checkpoints, so that an epoch resumed mid-way reports
+    the same means as one never stopped; `batches` is how many loader batches it has seen.
+    """
+
+    KEYS = ('loss', 'loss_ce', 'loss_sil', 'alpha', 'sparsity')
+
+    def __init__(self, device: torch.device):
+        self.sums = {k: torch.zeros((), device=device) for k in self.KEYS}
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.batches = self.steps = self.fresh_seen = self.model_seen = 0
+
+    def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, fresh: int) -> None:
+        n = len(out['output'])
+        self.model_seen += n
+        self.fresh_seen += fresh
+        self.batches += 1
+        self.finite &= torch.isfinite(loss.detach())
+        for key in self.KEYS:
+            # plain CE reports its loss as loss_ce and zeros, so every run's summary.csv has the same columns
+            value = out.get(key, loss if key == 'loss_ce' else None)
+            if value is not None:
+                self.sums[key] += value.detach().float() * n
+
+    def means(self) -> Dict[str, float]:
+        return {k: v.item() / max(self.model_seen, 1) for k, v in self.sums.items()}
+
+    def check_finite(self, epoch: int) -> None:
+        """Raise NonFiniteLossError once a non-finite loss was seen (reads the device: call at log points)."""
+        if not self.finite.item():
+            raise NonFiniteLossError(
+                f"non-finite loss in epoch {epoch} (by step {self.batches - 1}); stopping without saving. "
+                "Lower --lr, use --clip-grad, or check the data.")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(sums={k: v.detach().cpu() for k, v in self.sums.items()}, finite=bool(self.finite.item()),
+                    batches=self.batches, steps=self.steps, fresh_seen=self.fresh_seen, model_seen=self.model_seen)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for k, v in state['sums'].items():
+            self.sums[k] = v.to(self.finite.device)
+        self.finite.fill_(state['finite'])
+        self.batches, self.steps = state['batches'], state['steps']
+        self.fresh_seen, self.model_seen = state['fresh_seen'], state['model_seen']
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -85,31 +135,34 @@ def train_one_epoch(
         world_size: int = 1,
         log_interval: int = 50,
         log_enabled: bool = True,
-        on_step: Optional[Callable[[int], None]] = None,
+        meter: Optional[TrainMeter] = None,
+        on_step: Optional[Callable[[int, TrainMeter], None]] = None,
 ) -> Dict[str, float]:
     """Train one epoch; returns mean loss parts, counts of optimizer steps and fresh samples.
 
     `fresh_size` is the fresh half of an index-aware replay batch (views mode): the rows
-    before it are the replay half. `on_step(step)` runs after each optimizer step.
+    before it are the replay half. `meter` continues an epoch stopped after `meter.batches`
+    batches (the loader must start there); `on_step(num_updates, meter)` runs after each
+    optimizer step.
     """
-    plain = isinstance(task, ClassificationTask)
+    # self-distillation tasks take the sample indices and the loss scale; timm's tasks take (input, target)
+    skd = 'index' in inspect.signature(task.forward).parameters
     task.train()
-    sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    meter = meter if meter is not None else TrainMeter(device)
     num_batches = len(loader)
     progress = Progress(num_batches, log_interval, log_enabled)
-    steps = fresh_seen = model_seen = 0
+    first_seen = meter.model_seen
     start = time.time()
     parameters = list(task.get_clip_parameters())
     optimizer.zero_grad()
-    for batch_idx, batch in enumerate(loader):
+    for batch_idx, batch in enumerate(loader, meter.batches):
         input, target, index = _unpack(batch, device)
         num_replay = len(input) - fresh_size if index is not None and fresh_size else 0
         if num_replay and getattr(task, 'cache', True) is None:
             # no teacher for this replay half (e.g. resumed from weights only): train on its fresh half
             input, target, index, num_replay = input[num_replay:], target[num_replay:], index[num_replay:], 0
         if mixup_fn is not None:
-            input, target = mixup_fn(input, target) if plain else mixup_fn(input, target, num_replay)
+            input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
@@ -120,9 +173,8 @@ def train_one_epoch(
         sync = nullcontext() if update else task.no_sync()
         with sync:
             with amp_autocast():
-                out = task(input, target) if plain else task(input, target, index=index, loss_scale=scale)
+                out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
             loss = out['loss']
-            finite &= torch.isfinite(loss.detach())
             if loss_scaler is not None:
                 loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, need_update=update)
@@ -132,48 +184,35 @@ def train_one_epoch(
                     if clip_grad is not None:
                         dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
                     optimizer.step()
+        meter.update(out, loss, len(input) - num_replay)
         if update:
             optimizer.zero_grad()
             task.update_ema(step=num_updates)
             num_updates += 1
-            steps += 1
+            meter.steps += 1
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
             if on_step is not None:
-                on_step(num_updates)
-
-        n = len(out['output'])
-        model_seen += n
-        fresh_seen += len(input) - num_replay
-        for key in ('loss', 'loss_ce', 'loss_sil', 'alpha', 'sparsity'):
-            # plain CE reports its loss as loss_ce and zeros, so every run's summary.csv has the same columns
-            value = out.get(key, loss if key == 'loss_ce' else None)
-            sums[key] += value.detach().float() * n if value is not None else 0.0
+                on_step(num_updates, meter)
         if progress.due(batch_idx):
-            _check_finite(finite, epoch, batch_idx)
-        progress.update(batch_idx, lambda: _status(sums, model_seen, world_size, start))
+            meter.check_finite(epoch)
+        progress.update(batch_idx, lambda: _status(meter, world_size, start, first_seen))
 
-    _check_finite(finite, epoch, num_batches - 1)
+    meter.check_finite(epoch)
     elapsed = time.time() - start
-    metrics = {k: v.item() / max(model_seen, 1) for k, v in sums.items()}
+    metrics = meter.means()
     metrics.update(
-        steps=steps, samples=fresh_seen * world_size,
-        img_per_sec=model_seen * world_size / max(elapsed, 1e-6), epoch_time=elapsed, num_updates=num_updates)
+        steps=meter.steps, samples=meter.fresh_seen * world_size,
+        img_per_sec=(meter.model_seen - first_seen) * world_size / max(elapsed, 1e-6), epoch_time=elapsed,
+        num_updates=num_updates)
     return metrics
 
 
-def _check_finite(finite: torch.Tensor, epoch: int, step: int) -> None:
-    """Raise once a non-finite loss was seen (checked at log points and at the end of the epoch)."""
-    if not finite.item():
-        raise NonFiniteLossError(
-            f"non-finite loss in epoch {epoch} (by step {step}); stopping without saving. "
-            "Lower --lr, use --clip-grad, or check the data.")
-
-
-def _status(sums: Dict[str, torch.Tensor], seen: int, world_size: int, start: float) -> str:
-    parts = [f"loss {sums['loss'].item() / max(seen, 1):.4f}"]
-    parts += [f"{k} {sums[k].item() / max(seen, 1):.3f}" for k in ('alpha', 'sparsity') if k in sums]
-    return ' '.join(parts) + f" {seen * world_size / max(time.time() - start, 1e-6):.1f} img/s"
+def _status(meter: TrainMeter, world_size: int, start: float, first_seen: int) -> str:
+    means = meter.means()
+    parts = [f"loss {means['loss']:.4f}"] + [f"{k} {means[k]:.3f}" for k in ('alpha', 'sparsity')]
+    rate = (meter.model_seen - first_seen) * world_size / max(time.time() - start, 1e-6)
+    return ' '.join(parts) + f" {rate:.1f} img/s"
 
 
 @torch.no_grad()

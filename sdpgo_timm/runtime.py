@@ -2,14 +2,17 @@
 the evaluation model of a checkpoint and results files.
 
 Thin wrappers over timm (init_distributed_device, create_model, create_loader) that turn
-their failures into one clear message, and the SDPGO-specific parts of a resume: each
-rank's replay cache and the recorded Mixup parameters.
+their failures into one clear message, the run's output folder, and resuming: which
+checkpoint (`--resume auto`), each rank's replay cache, Mixup record and, from a recovery
+checkpoint, its place inside the epoch.
 """
 import argparse
 import csv
 import json
 import logging
+import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -24,7 +27,10 @@ from timm.models import clean_state_dict, resolve_model_input_args, split_model_
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device
 
-from .checkpoint import CheckpointError, load_checkpoint_file
+from .args import ConfigError
+from .checkpoint import (
+    POSITION, CheckpointError, WriteError, atomic_write_text, find_resume_checkpoint, load_checkpoint_file,
+    resume_position)
 from .data.factory import dataset_num_classes
 from .pretrained import ensure_cached
 
@@ -32,6 +38,8 @@ _logger = logging.getLogger('train')
 
 _RANK_STATES = 'task_state_ranks'
 _MIXUP_STATE = 'replay_mixup'
+_MIXUP_RANKS = 'replay_mixup_ranks'
+_RECOVERY_RANKS = 'recovery_ranks'
 
 
 def default_device(device: Optional[str]) -> str:
@@ -186,44 +194,112 @@ def _to_cpu(obj):
     return obj
 
 
-def gather_task_states(task: TrainingTask, args: argparse.Namespace) -> Dict[str, Any]:
-    """Every rank's task state (its own replay cache), gathered for the checkpoint; collective."""
-    state = _to_cpu(task.get_task_state())
-    if not state or not args.distributed:
-        return {}
-    states = [None] * args.world_size
-    dist.all_gather_object(states, state)
-    return {_RANK_STATES: states}
+def gather_rank_states(
+        task: TrainingTask,
+        mixup_fn,
+        args: argparse.Namespace,
+        recovery: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The per-process state a checkpoint needs, as extra checkpoint keys; collective under DDP.
+
+    `replay_mixup` is this process's Mixup record; under DDP `task_state_ranks` and
+    `replay_mixup_ranks` hold every rank's replay cache and record; `recovery_ranks` every
+    rank's `recovery` state (mid-epoch position) when given.
+    """
+    mixup = mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None
+    state = _to_cpu(dict(task_state=task.get_task_state(), mixup=mixup, recovery=recovery))
+    states = [state]
+    if args.distributed:
+        states = [None] * args.world_size
+        dist.all_gather_object(states, state)
+    extra: Dict[str, Any] = {}
+    if mixup is not None:
+        extra[_MIXUP_STATE] = state['mixup']
+    if args.distributed and state['task_state']:
+        extra[_RANK_STATES] = [s['task_state'] for s in states]
+    if args.distributed and mixup is not None:
+        extra[_MIXUP_RANKS] = [s['mixup'] for s in states]
+    if recovery is not None:
+        extra[_RECOVERY_RANKS] = [s['recovery'] for s in states]
+    return extra
 
 
-def mixup_extra_state(mixup_fn) -> Dict[str, Any]:
-    return {_MIXUP_STATE: mixup_fn.state_dict()} if hasattr(mixup_fn, 'state_dict') else {}
+def _this_rank(checkpoint: Dict[str, Any], key: str, args: argparse.Namespace, path: str):
+    """This rank's entry of a per-rank list of the checkpoint (None when absent)."""
+    states = checkpoint.get(key)
+    if states is None:
+        return None
+    if len(states) != args.world_size:
+        raise CheckpointError(
+            f"{path!r} holds the state of {len(states)} processes, this run has {args.world_size}: resume with the "
+            "same number of processes")
+    return states[args.rank]
 
 
-def resume_training(args: argparse.Namespace, task: TrainingTask, optimizer, loss_scaler, mixup_fn) -> int:
-    """Load model, EMA, optimizer, scaler, this rank's task state and Mixup record; return the next epoch."""
-    checkpoint = load_checkpoint_file(args.resume)
-    check_checkpoint_arch(checkpoint, args.resume, args.model)
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the epoch, the optimizer updates before it, and for a recovery
+    checkpoint this rank's mid-epoch state (see sdpgo_timm.recovery)."""
+    epoch: int = 0
+    num_updates: Optional[int] = None
+    recovery: Optional[Dict[str, Any]] = None
+
+
+def resolve_resume(args: argparse.Namespace) -> str:
+    """--resume's checkpoint; for `auto`, the newest one of the experiment folder that loads ('' when none)."""
+    if args.resume != 'auto':
+        return args.resume
+    path = ''
+    if args.rank == 0:
+        folder = os.path.join(args.output or './output/train', args.experiment)
+        path = (find_resume_checkpoint(folder) if os.path.isdir(folder) else None) or ''
+        if not path:
+            _logger.info(f"--resume auto: no checkpoint in {folder!r}, starting from the beginning")
+    if args.distributed:
+        shared = [path]
+        dist.broadcast_object_list(shared, src=0)
+        path = shared[0]
+    return path
+
+
+def resume_training(
+        args: argparse.Namespace, path: str, task: TrainingTask, optimizer, loss_scaler, mixup_fn) -> ResumePoint:
+    """Load model, EMA, optimizer, scaler, this rank's task state and Mixup record; return where to continue."""
+    checkpoint = load_checkpoint_file(path)
+    check_checkpoint_arch(checkpoint, path, args.model)
     task_state = checkpoint.get('task_state')
-    rank_states = checkpoint.get(_RANK_STATES)
-    if rank_states is not None:
-        if len(rank_states) != args.world_size:
-            raise CheckpointError(
-                f"{args.resume!r} holds replay caches of {len(rank_states)} processes, this run has "
-                f"{args.world_size}: resume with the same number of processes")
-        task_state = rank_states[args.rank]
+    if _RANK_STATES in checkpoint:
+        task_state = _this_rank(checkpoint, _RANK_STATES, args, path)
     try:
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), task_state)
     except RuntimeError as e:
-        raise CheckpointError(f"{args.resume!r} does not fit --model {args.model!r}: {_one_line(e)}") from None
+        raise CheckpointError(f"{path!r} does not fit --model {args.model!r}: {_one_line(e)}") from None
     if task.has_ema() and checkpoint.get('state_dict_ema') is not None:
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict_ema']), None, ema=True)
     if optimizer is not None and 'optimizer' in checkpoint and not args.no_resume_opt:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
         loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-    if mixup_fn is not None and _MIXUP_STATE in checkpoint and hasattr(mixup_fn, 'load_state_dict'):
-        mixup_fn.load_state_dict(checkpoint[_MIXUP_STATE])
-    epoch = int(checkpoint.get('epoch', -1)) + 1
-    _logger.info(f"Resumed {args.resume!r} at epoch {epoch}")
-    return epoch
+    mixup = _this_rank(checkpoint, _MIXUP_RANKS, args, path) if _MIXUP_RANKS in checkpoint else checkpoint.get(
+        _MIXUP_STATE)
+    if mixup_fn is not None and mixup is not None and hasattr(mixup_fn, 'load_state_dict'):
+        mixup_fn.load_state_dict(mixup)
+    epoch, step = resume_position(checkpoint)
+    point = ResumePoint(epoch)
+    if POSITION in checkpoint:
+        point.num_updates = int(checkpoint[POSITION]['num_updates'])
+        point.recovery = _this_rank(checkpoint, _RECOVERY_RANKS, args, path)
+    _logger.info(f"Resumed {path!r} at epoch {epoch}" + (f", after step {step}" if step else ''))
+    return point
+
+
+def create_output_dir(args: argparse.Namespace, name: str, args_text: str) -> str:
+    """The run's output folder with its args.yaml; a folder that cannot be written is a ConfigError."""
+    folder = os.path.join(args.output or './output/train', name)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(os.path.join(folder, 'args.yaml'), args_text)
+    except (OSError, WriteError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise ConfigError(f"cannot write to the output folder {folder!r}: {reason}; choose another --output") from None
+    return folder

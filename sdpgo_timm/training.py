@@ -3,7 +3,8 @@
 Kept out of train.py so that they can be imported and tested: the task (plain timm
 ClassificationTask or a self-distillation task), the training loader for each data path
 (timm's create_loader; at half the batch in SDPGO `tensors` mode; the replay loader in
-`views` mode) and the Mixup/CutMix object that goes with it.
+`views` mode; either one wrapped to resume mid-epoch) and the Mixup/CutMix object that goes
+with it.
 """
 import argparse
 from typing import Optional, Tuple
@@ -17,7 +18,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask, TrainingTask
 
 from .baselines import create_skd_task
-from .replay import ReplayMixup, create_replay_loader
+from .recovery import ResumableLoader
+from .replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from .task import half_batch_size
 
 
@@ -32,19 +34,45 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
-def resolve_replay(args: argparse.Namespace, dataset: Dataset) -> str:
-    """`views` for indexable datasets, `tensors` for streaming ones (or as asked)."""
+def resolve_data_path(args: argparse.Namespace, dataset: Dataset) -> Optional[str]:
+    """How the training loader feeds the task.
+
+    None: plain batches (CE). 'indexed': batches with sample indices (PS-KD's per-sample table).
+    'views' / 'tensors': the replay mode of SDPGO and DLB (`--sdpgo-replay`; auto picks views
+    for indexable datasets, tensors for streaming ones). DLB's two-forward form re-augments
+    its replay half, so it needs views.
+    """
+    method = skd_method(args)
+    if method is None:
+        return None
     iterable = isinstance(dataset, IterableDataset)
-    if args.sdpgo_replay == 'views' and iterable:
-        raise ValueError(
-            "--sdpgo-replay views needs an indexable dataset, but this one streams; use --sdpgo-replay tensors")
+    if method == 'pskd':
+        if iterable:
+            raise ValueError("--skd pskd keeps a table per sample and needs an indexable dataset, but this one streams")
+        return 'indexed'
+    if method == 'dlb2' and args.sdpgo_replay == 'tensors':
+        raise ValueError("--skd dlb2 re-augments its replay half: use --sdpgo-replay views (or auto)")
+    if args.sdpgo_replay == 'views' or (method == 'dlb2' and iterable):
+        if iterable:
+            raise ValueError(
+                "--sdpgo-replay views needs an indexable dataset, but this one streams; use --sdpgo-replay tensors")
+        return 'views'
     if args.sdpgo_replay == 'auto':
         return 'tensors' if iterable else 'views'
     return args.sdpgo_replay
 
 
-def create_train_task(args: argparse.Namespace, model: nn.Module, replay: str, device: torch.device) -> TrainingTask:
-    """ClassificationTask with timm's loss choice, or the self-distillation task of --sdpgo/--skd."""
+def create_train_task(
+        args: argparse.Namespace,
+        model: nn.Module,
+        data_path: Optional[str],
+        device: torch.device,
+        num_samples: int = 0,
+) -> TrainingTask:
+    """ClassificationTask with timm's loss choice, or the self-distillation task of --sdpgo/--skd.
+
+    `data_path` comes from resolve_data_path; `num_samples` (the training set size) sizes PS-KD's table.
+    """
     method = skd_method(args)
     mixup = mixup_active(args)
     if method is None:
@@ -55,11 +83,15 @@ def create_train_task(args: argparse.Namespace, model: nn.Module, replay: str, d
         else:
             criterion = nn.CrossEntropyLoss()
         return ClassificationTask(model, criterion=criterion, device=device)
+    smoothing = 0.0 if mixup else args.smoothing
+    if method == 'pskd':
+        return create_skd_task(
+            model, 'pskd', num_samples=num_samples, epochs=args.epochs, alpha_t=args.pskd_alpha_t,
+            smoothing=smoothing, device=device)
     options = dict(
         temperature=args.sdpgo_temperature, topk=args.sdpgo_topk, beta=args.sdpgo_beta, layers=args.sdpgo_layers,
         alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
-        alpha_max=args.sdpgo_alpha_max, weighting=args.sdpgo_weighting, replay=replay,
-        smoothing=0.0 if mixup else args.smoothing)
+        alpha_max=args.sdpgo_alpha_max, weighting=args.sdpgo_weighting, replay=data_path, smoothing=smoothing)
     return create_skd_task(model, method, device=device, **options)
 
 
@@ -79,9 +111,9 @@ def create_train_loader(
         dataset: Dataset,
         data_config: dict,
         device: torch.device,
-        replay: Optional[str],
-) -> Tuple[object, int]:
-    """The training loader and the fresh rows per step (0: the loader yields no indices)."""
+        data_path: Optional[str],
+) -> Tuple[ResumableLoader, int]:
+    """The training loader (resumable mid-epoch) and the fresh rows per replay step (0: no replay half)."""
     common = dict(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
@@ -93,15 +125,16 @@ def create_train_loader(
         worker_seeding=args.worker_seeding,
         # fresh workers each epoch: their seeds then follow the per-epoch reseed, so a resume is exact
         persistent_workers=False)
-    if replay == 'views':
+    if data_path == 'views':
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
             num_replicas=args.world_size, rank=args.rank, **common)
-        return loader, half_batch_size(args.batch_size)
-    batch_size = half_batch_size(args.batch_size) if replay == 'tensors' else args.batch_size
-    if replay == 'tensors' and mixup_active(args) and batch_size % 2:
+        return ResumableLoader(loader), half_batch_size(args.batch_size)
+    batch_size = half_batch_size(args.batch_size) if data_path == 'tensors' else args.batch_size
+    if data_path == 'tensors' and mixup_active(args) and batch_size % 2:
         raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
                          "must be a multiple of 4")
-    loader = create_loader(
+    create = create_indexed_loader if data_path == 'indexed' else create_loader
+    loader = create(
         dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
-    return loader, 0
+    return ResumableLoader(loader), 0

@@ -5,11 +5,16 @@ in-process with one intra-op thread: on a few shared CPU cores, oversubscribed O
 make such small models many times slower. Runs that several tests read are session fixtures;
 tests must not write into their folders.
 """
+import csv
 import logging
+import os
+import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import pytest
@@ -48,6 +53,55 @@ def run_validate(argv: List[str]) -> int:
     import validate
     with one_thread():
         return validate.main(argv)
+
+
+class TrainProcess:
+    """train.py in a subprocess (under torchrun with `torchrun` processes), one OpenMP thread as in-process runs
+    (the same weights bit for bit); its output, stdout and stderr, is collected line by line as it comes."""
+
+    def __init__(self, argv: List[str], torchrun: int = 0):
+        launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else []
+        self.process = subprocess.Popen(
+            [sys.executable, *launcher, 'train.py', *argv], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return ''.join(self.lines)
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 120) -> None:
+        """Poll until `condition()`; fail if the process ends first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f'ended ({self.process.returncode}) first:\n{self.output[-3000:]}'
+            assert time.monotonic() < deadline, f'timed out:\n{self.output[-3000:]}'
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 300) -> int:
+        """Wait for the process to end; its exit status (negative: the signal that killed it)."""
+        status = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return status
+
+
+def summary(run: Path) -> List[Dict[str, str]]:
+    with open(run / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from sdpgo_timm.checkpoint import load_checkpoint_file
+    sa, sb = load_checkpoint_file(str(a))['state_dict'], load_checkpoint_file(str(b))['state_dict']
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
 
 
 @pytest.fixture

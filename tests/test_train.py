@@ -1,5 +1,4 @@
 """ train.py end to end: summaries, checkpoints, exact resume, DDP sharding, bad input, non-finite loss. """
-import csv
 import json
 import os
 import shutil
@@ -15,26 +14,14 @@ import timm
 from sdpgo_timm.checkpoint import load_checkpoint_file
 from sdpgo_timm.data import DigitsDataset
 from sdpgo_timm.replay import ReplayBatchSampler
-from sdpgo_timm.training import resolve_replay
-from conftest import FAST, ROOT, run_train, run_validate
+from sdpgo_timm.training import resolve_data_path
+from conftest import FAST, ROOT, assert_same_weights, run_train, run_validate, summary
 
 TIMM_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
 SDPGO_COLUMNS = ('train_loss_ce', 'train_loss_sil', 'train_alpha', 'train_sparsity', 'train_steps', 'train_samples')
 CHECKPOINT_KEYS = {'state_dict', 'optimizer', 'epoch', 'arch', 'args', 'version', 'task_state'}
 DIGITS_TRAIN = 1438
 FRESH_PER_EPOCH = DIGITS_TRAIN // 32 * 32  # recipe batch 64: 32 fresh samples a step, last partial chunk dropped
-
-
-def summary(run: Path):
-    with open(run / 'summary.csv', newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint_file(str(a))['state_dict'], load_checkpoint_file(str(b))['state_dict']
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
 
 
 def test_sdpgo_run_writes_timm_outputs(sdpgo_run):
@@ -153,12 +140,12 @@ class _Stream(IterableDataset):
 
 
 def test_views_replay_needs_an_indexable_dataset(tmp_path, monkeypatch, error_lines):
-    args = type('Args', (), {'sdpgo_replay': 'views'})()
+    args = type('Args', (), {'sdpgo_replay': 'views', 'sdpgo': True, 'skd': None})()
     with pytest.raises(ValueError, match='--sdpgo-replay tensors'):
-        resolve_replay(args, _Stream())
+        resolve_data_path(args, _Stream())
     args.sdpgo_replay = 'auto'
-    assert resolve_replay(args, _Stream()) == 'tensors'
-    assert resolve_replay(args, DigitsDataset('validation')) == 'views'
+    assert resolve_data_path(args, _Stream()) == 'tensors'
+    assert resolve_data_path(args, DigitsDataset('validation')) == 'views'
 
     import train
     monkeypatch.setattr(train, 'create_split_dataset', lambda args, split, is_training: _Stream())

@@ -1,14 +1,16 @@
-"""Datasets for train.py and validate.py: the embedded digits set or timm's create_dataset."""
+"""Datasets for train.py and validate.py: the embedded digits set or timm's create_dataset
+(image folders checked for unreadable classes and counting skipped images)."""
 import argparse
 import os
 from typing import Optional
 
 from torch.utils.data import Dataset
 
-from timm.data import create_dataset
+from timm.data import ImageDataset, create_dataset
 
 from .benchmarks import resolve_data_dir
 from .digits import DigitsDataset
+from .images import CheckedImageDataset, check_readable_classes
 
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 _TRAIN_SPLITS = ('train', 'training')
@@ -60,6 +62,9 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
         num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB')
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data_dir!r} holds no images")
+    if isinstance(dataset, ImageDataset):
+        dataset = CheckedImageDataset(dataset)
+        check_readable_classes(dataset)
     return dataset
 
 

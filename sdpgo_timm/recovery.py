@@ -1,0 +1,224 @@
+"""Mid-epoch recovery: save a run's exact place inside an epoch and continue from there.
+
+A recovery checkpoint (timm's `recovery-<epoch>-<batch>.pth.tar`) is a training checkpoint
+plus `position` (epoch, batches done in it, optimizer updates) and, for every process,
+`recovery_ranks`: its loader state (see `ResumableLoader`), the epoch's running sums and
+its skipped-image record. Every file and RNG state is plain data (tensors, numbers,
+lists), so it loads with `torch.load(weights_only=True)`.
+"""
+import random
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from .checkpoint import POSITION
+from .engine import TrainMeter
+from .preemption import Preempted, PreemptionSignal
+
+RngState = Dict[str, Any]
+
+
+def get_rng_state() -> RngState:
+    """This process's RNG states: torch (CPU, and CUDA once initialised), NumPy and Python's `random`."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(
+        torch=torch.get_rng_state(),
+        numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                   gauss=float(gauss)),
+        python=dict(version=version, internal=torch.tensor(internal, dtype=torch.int64), gauss_next=gauss_next))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: RngState) -> None:
+    """Restore what `get_rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    numpy = state['numpy']
+    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
+                         numpy['gauss']))
+    python = state['python']
+    random.setstate((python['version'], tuple(python['internal'].tolist()), python['gauss_next']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class ResumableBatchSampler(Sampler[List[int]]):
+    """Wrap a loader's batch sampler: note the RNG state as each batch is drawn (`record`); start an epoch mid-way.
+
+    `start(step, rng_states)` makes the next iteration skip the epoch's first `step` batches
+    (indices only; no data is read) and restore `rng_states[i]` as it draws its i-th batch
+    (the last state once more when the epoch ends first). The order itself comes from the
+    wrapped sampler, reseeded per epoch by the training loop.
+    """
+
+    def __init__(self, batch_sampler: Sampler, record: bool = True):
+        self.batch_sampler = batch_sampler
+        self.record = record
+        self.drawn: Deque[Tuple[int, RngState]] = deque()  # (batch number, RNG state as it was drawn)
+        self._start = 0
+        self._replay: List[RngState] = []
+
+    def start(self, step: int, rng_states: List[RngState]) -> None:
+        self._start, self._replay = step, list(rng_states)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start, replay = self._start, self._replay
+        self._start, self._replay = 0, []
+        self.drawn.clear()
+        batches = iter(self.batch_sampler)
+        for _ in islice(batches, start):
+            pass
+        for number, batch in enumerate(batches, start):
+            if replay:
+                set_rng_state(replay.pop(0))
+            if self.record:
+                self.drawn.append((number, get_rng_state()))
+            yield batch
+        if replay:
+            set_rng_state(replay[-1])
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def forget_before(self, step: int) -> None:
+        """Drop the states of batches the training loop has received (they are no longer in flight)."""
+        while self.drawn and self.drawn[0][0] < step:
+            self.drawn.popleft()
+
+
+def _data_loader(loader) -> DataLoader:
+    """The torch DataLoader inside timm's PrefetchLoader and the replay/indexed loaders (their `.loader`)."""
+    while not isinstance(loader, DataLoader):
+        loader = loader.loader
+    return loader
+
+
+class ResumableLoader:
+    """A training loader that knows how far into the epoch it is, and can continue a stopped epoch.
+
+    Wraps timm's loader or the replay loader. `state_dict()` is the number of batches handed
+    out this epoch and the RNG states to replay: those the stopped run had when it drew the
+    batches still in flight (prefetched, not yet trained on), then its state at the
+    checkpoint. After `load_state_dict()` the next epoch skips the batches done and replays
+    those states, so with `--workers 0` the rest of the epoch is the one the stopped run
+    would have had, augmentations included. With worker processes the sample order is, but
+    augmentations happen in the workers, whose RNG states are not saved: only the state at the
+    checkpoint is restored (and none is noted per batch, which costs ~0.1 ms). Streaming
+    (iterable) datasets cannot skip batches without reading them: `resumable` is False.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        data_loader = _data_loader(loader)
+        self.resumable = not isinstance(data_loader.dataset, IterableDataset)
+        self.batch_sampler: Optional[ResumableBatchSampler] = None
+        if self.resumable:
+            self.batch_sampler = ResumableBatchSampler(data_loader.batch_sampler, record=data_loader.num_workers == 0)
+            # DataLoader refuses a new batch_sampler after __init__; timm's MultiEpochsDataLoader swaps it the same way
+            data_loader._DataLoader__initialized = False
+            data_loader.batch_sampler = self.batch_sampler
+            data_loader._DataLoader__initialized = True
+        self.consumed = 0
+        self._start: Tuple[int, List[RngState]] = (0, [])
+
+    def __iter__(self) -> Iterator[Any]:
+        step, rng_states = self._start
+        self._start = (0, [])
+        if self.batch_sampler is not None:
+            self.batch_sampler.start(step, rng_states)
+        self.consumed = step
+        for batch in self.loader:
+            self.consumed += 1
+            if self.batch_sampler is not None:
+                self.batch_sampler.forget_before(self.consumed)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self) -> Any:
+        return self.loader.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order: the replay loader's, or the DistributedSampler's."""
+        if hasattr(self.loader, 'set_epoch'):
+            self.loader.set_epoch(epoch)
+        elif hasattr(self.loader.sampler, 'set_epoch'):
+            self.loader.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Batches done this epoch, and the RNG states to replay from there (collect at the checkpoint)."""
+        if not self.resumable:
+            raise RuntimeError('a streaming dataset cannot resume mid-epoch')
+        in_flight = [state for number, state in self.batch_sampler.drawn if number >= self.consumed]
+        return dict(step=self.consumed, rng=in_flight + [get_rng_state()])
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Start the next epoch (the one the state was saved in) after its first `step` batches."""
+        if state['step'] and not self.resumable:
+            raise ValueError('a streaming dataset cannot resume mid-epoch')
+        self._start = (int(state['step']), list(state['rng']))
+
+
+class RecoveryCheckpoints:
+    """Called after each optimizer step: write a recovery checkpoint every `interval` steps, and on preemption.
+
+    On a preemption signal it writes one (every rank contributes its state; rank 0 writes),
+    then raises `Preempted`. `collect(recovery)` returns the checkpoint's extra keys given this
+    rank's recovery state (a collective call under DDP); `saver` is None on other ranks.
+    """
+
+    def __init__(
+            self,
+            *,
+            interval: int,
+            loader: ResumableLoader,
+            preemption: PreemptionSignal,
+            collect: Callable[[Dict[str, Any]], Dict[str, Any]],
+            saver=None,
+            skipped=None,
+    ):
+        self.interval = interval
+        self.loader = loader
+        self.preemption = preemption
+        self.collect = collect
+        self.saver = saver
+        self.skipped = skipped
+        self.last_path: Optional[str] = None
+
+    def __call__(self, epoch: int, num_updates: int, meter) -> None:
+        stop = self.preemption.stopping()
+        if not stop and not (self.interval and num_updates % self.interval == 0):
+            return
+        if not self.loader.resumable:  # stop; the last epoch checkpoint is where to resume
+            raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; a streaming dataset cannot "
+                            "resume mid-epoch: --resume auto continues from the last epoch checkpoint")
+        meter.check_finite(epoch)
+        position = dict(epoch=epoch, step=self.loader.consumed, num_updates=num_updates)
+        rank_state = dict(loader=self.loader.state_dict(), meter=meter.state_dict(),
+                          skipped=self.skipped.state_dict() if self.skipped is not None else None)
+        extra = {**self.collect(rank_state), POSITION: position}
+        if self.saver is not None:
+            self.last_path = self.saver.save_recovery(epoch, position['step'], extra=extra)
+        if stop:
+            self.preemption.barrier()
+            where = f"; recovery checkpoint {self.last_path!r}" if self.last_path else ''
+            raise Preempted(f"preempted by {self.preemption.name} after step {position['step']} of epoch {epoch} "
+                            f"(update {num_updates}){where}. Resume with the same command and --resume auto.")
+
+
+def restore_recovery(state: Dict[str, Any], loader: ResumableLoader, device: torch.device, skipped=None) -> TrainMeter:
+    """Apply this rank's recovery state to the loader (and skipped-image record); the epoch's meter to continue."""
+    loader.load_state_dict(state['loader'])
+    if skipped is not None and state.get('skipped') is not None:
+        skipped.load_state_dict(state['skipped'])
+    meter = TrainMeter(device)
+    meter.load_state_dict(state['meter'])
+    return meter

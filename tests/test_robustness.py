@@ -1,0 +1,459 @@
+""" Long runs that survive: atomic writes, --resume auto, mid-epoch recovery, preemption, data-only loading, bad input.
+
+Exactness is checked against the session's uninterrupted SDPGO run (`sdpgo_run`): a recovery
+run, a run killed with SIGKILL or stopped with SIGTERM and then resumed must end with the same
+weights, bit for bit (one CPU thread, `--workers 0`).
+"""
+import errno
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import pytest
+import torch
+
+from sdpgo_timm import hub
+from sdpgo_timm.checkpoint import (
+    WriteError, append_summary, atomic_save, find_resume_checkpoint, load_checkpoint_file, resume_position)
+from sdpgo_timm.preemption import PreemptionSignal
+from sdpgo_timm.replay import ReplayBatchSampler
+from fakehub import fake_hub  # noqa: F401 (fixture)
+from conftest import FAST, TrainProcess, assert_same_weights, run_train, run_validate, summary
+
+SDPGO = ['digits', '--sdpgo', '--epochs', '2', *FAST]  # the command line of the session's sdpgo_run
+STEPS = 44  # optimizer steps per epoch of that run
+DIGITS_TRAIN = 1438
+
+
+def temporaries(root: Path) -> List[Path]:
+    return [p for p in root.rglob('*') if '.tmp-' in p.name or p.name in ('tmp.pth.tar', 'recovery_tmp.pth.tar')]
+
+
+def hashes(root: Path) -> Dict[str, str]:
+    """sha256 of every file under `root` but temporaries, by relative path."""
+    skip = set(temporaries(root))
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file() and p not in skip}
+
+
+def recovery_files(run: Path) -> List[Path]:
+    return sorted(run.glob('recovery-*.pth.tar'))
+
+
+@pytest.fixture(scope='session')
+def recovery_run(tmp_path_factory) -> Path:
+    """sdpgo_run's command line with a recovery checkpoint every 10 optimizer steps."""
+    output = tmp_path_factory.mktemp('train')
+    assert run_train([*SDPGO, '--recovery-interval', '10', '--output', str(output), '--experiment', 'rec']) == 0
+    return output / 'rec'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is saved, and what a resume continues from
+
+
+def test_recovery_checkpoints_hold_the_position_and_do_not_change_training(recovery_run, sdpgo_run):
+    assert_same_weights(recovery_run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+    assert [p.name for p in recovery_files(recovery_run)] == ['recovery-1-26.pth.tar', 'recovery-1-36.pth.tar']
+    checkpoint = load_checkpoint_file(str(recovery_run / 'recovery-1-36.pth.tar'))
+    assert checkpoint['position'] == {'epoch': 1, 'step': 36, 'num_updates': STEPS + 36}
+    assert resume_position(checkpoint) == (1, 36) and checkpoint['epoch'] == 1
+    rank, = checkpoint['recovery_ranks']
+    assert rank['loader']['step'] == 36 and rank['meter']['batches'] == 36 and rank['meter']['steps'] == 36
+    assert {'torch', 'numpy', 'python'} <= set(rank['loader']['rng'][-1])
+    assert len(checkpoint['task_state']['cache']['index']) == 32  # the fresh half the next step replays
+    assert resume_position(load_checkpoint_file(str(recovery_run / 'last.pth.tar'))) == (2, 0)
+
+
+def test_resume_auto_picks_the_newest_checkpoint_that_loads(recovery_run, sdpgo_run, tmp_path, caplog):
+    """A run killed in epoch 1: the newest recovery file is truncated, so the one before it is taken."""
+    caplog.set_level(logging.INFO, logger='train')
+    run = tmp_path / 'rec'
+    run.mkdir()
+    for name in ('args.yaml', 'checkpoint-0.pth.tar', 'recovery-1-26.pth.tar', 'recovery-1-36.pth.tar'):
+        shutil.copy(recovery_run / name, run / name)
+    for name in ('last.pth.tar', 'model_best.pth.tar'):  # as they were after epoch 0
+        shutil.copy(recovery_run / 'checkpoint-0.pth.tar', run / name)
+    (run / 'summary.csv').write_text(''.join((recovery_run / 'summary.csv').read_text().splitlines(True)[:2]))
+    truncated = run / 'recovery-1-36.pth.tar'
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    assert find_resume_checkpoint(str(run)) == str(run / 'recovery-1-26.pth.tar')
+    assert find_resume_checkpoint(str(tmp_path / 'empty')) is None
+    assert any(f"skipping a checkpoint that does not load: '{truncated}' is not a timm training checkpoint"
+               in r.getMessage() for r in caplog.records)
+
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'rec', '--resume', 'auto']) == 0
+    assert any("recovery-1-26.pth.tar' at epoch 1, after step 26" in r.getMessage() for r in caplog.records)
+    assert_same_weights(run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+    assert [r['epoch'] for r in summary(run)] == ['0', '1']
+    assert summary(run)[1]['train_loss'] == summary(sdpgo_run)[1]['train_loss']  # the epoch's sums were saved too
+
+
+def test_sigkill_after_a_recovery_checkpoint_then_resume_is_exact(sdpgo_run, tmp_path):
+    run = tmp_path / 'killed'
+    process = TrainProcess([*SDPGO, '--recovery-interval', '5', '--output', str(tmp_path), '--experiment', 'killed'])
+    process.wait_for(lambda: any(run.glob('recovery-0-10.pth.tar')))
+    process.process.kill()
+    assert process.finish() == -signal.SIGKILL
+    assert run_train([*SDPGO, '--recovery-interval', '5', '--output', str(tmp_path), '--experiment', 'killed',
+                      '--resume', 'auto']) == 0
+    assert_same_weights(run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+    assert not temporaries(run)
+    assert len(recovery_files(run)) == 2  # the resumed run took over the old recovery files and cleaned them up
+
+
+def test_sigterm_saves_a_recovery_checkpoint_and_exits_4(sdpgo_run, tmp_path):
+    run = tmp_path / 'stopped'
+    process = TrainProcess([*SDPGO, '--output', str(tmp_path), '--experiment', 'stopped', '--log-interval', '1'])
+    process.wait_for(lambda: f'[   3/{STEPS}]' in process.output)
+    process.process.send_signal(signal.SIGTERM)
+    assert process.finish() == 4, process.output[-3000:]
+    message = process.output.strip().splitlines()[-1]
+    assert re.search(r'preempted by SIGTERM after step \d+ of epoch 0', message) and '--resume auto' in message
+    saved, = recovery_files(run)
+    assert saved.name in message
+    step = load_checkpoint_file(str(saved))['position']['step']
+    assert f'after step {step} of epoch 0' in message and f'[{step + 1:>4d}/{STEPS}]' not in process.output
+
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'stopped', '--resume', 'auto']) == 0
+    assert_same_weights(run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+
+
+def test_preemption_signal_is_recorded_while_active_and_handlers_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionSignal() as preemption:
+        assert not preemption.stopping()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.stopping() and preemption.name == 'SIGUSR1'
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(tmp_path, monkeypatch, error_lines):
+    import train
+    real_validate = train.validate
+
+    def validate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(*args, **kwargs)
+    monkeypatch.setattr(train, 'validate', validate)
+    assert run_train(['digits', *FAST, '-b', '128', '--epochs', '2', '--output', str(tmp_path),
+                      '--experiment', 'run']) == 4
+    assert 'preempted by SIGTERM at the end of epoch 0; its checkpoint is saved' in error_lines()[-1]
+    assert load_checkpoint_file(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
+    assert [r['epoch'] for r in summary(tmp_path / 'run')] == ['0'] and not recovery_files(tmp_path / 'run')
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """Process id of a torchrun worker (Linux: the launcher's children, found by their RANK)."""
+    for child in Path(f'/proc/{launcher}/task/{launcher}/children').read_text().split():
+        if f'RANK={rank}'.encode() in Path(f'/proc/{child}/environ').read_bytes().split(b'\0'):
+            return int(child)
+    raise AssertionError(f'no rank {rank} under {launcher}')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='finds torchrun workers in /proc')
+def test_torchrun_preemption_of_one_rank_stops_all_and_each_gets_its_cache_back(tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step and rank 0 writes every rank's state. Resumed,
+    each rank must continue with its own replay cache: another rank's would fail the task's replay check."""
+    run = tmp_path / 'ddp'
+    ddp = ['digits', '--sdpgo', '--epochs', '1', '--device', 'cpu', *FAST, '-b', '128', '--output', str(tmp_path),
+           '--experiment', 'ddp']
+    process = TrainProcess([*ddp, '--recovery-interval', '2'], torchrun=2)
+    process.wait_for(lambda: any(run.glob('recovery-*')))
+    os.kill(_rank_pid(process.process.pid, 1), signal.SIGTERM)
+    assert process.finish() != 0  # each rank exits 4; torchrun reports them as failed
+    stops = re.findall(r'preempted by (SIGTERM|a signal to another rank) after step (\d+) of epoch 0', process.output)
+    assert sorted(s for s, _ in stops) == ['SIGTERM', 'a signal to another rank'] and len({n for _, n in stops}) == 1
+    step = int(stops[0][1])
+    checkpoint = load_checkpoint_file(str(run / f'recovery-0-{step}.pth.tar'))
+    assert checkpoint['position']['step'] == step and len(checkpoint['recovery_ranks']) == 2
+    shards = [ReplayBatchSampler(DIGITS_TRAIN, 128, num_replicas=2, rank=r, seed=42).fresh_chunks(0) for r in (0, 1)]
+    for state, shard in zip(checkpoint['task_state_ranks'], shards):
+        assert torch.equal(state['cache']['index'], shard[step - 1])  # each rank's last fresh chunk
+
+    resumed = TrainProcess([*ddp, '--resume', 'auto'], torchrun=2)
+    assert resumed.finish() == 0, resumed.output[-3000:]
+    assert resumed.output.count(f'at epoch 0, after step {step}') == 2  # both ranks
+    for state, shard in zip(load_checkpoint_file(str(run / 'last.pth.tar'))['task_state_ranks'], shards):
+        assert torch.equal(state['cache']['index'], shard[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writes that fail
+
+
+def _full_disk_save(fail_on_call: int, on_fail: Callable[[], None] = lambda: None):
+    """A torch.save that writes half a file and then fails with ENOSPC on its `fail_on_call`-th call."""
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != fail_on_call:
+            return real_save(obj, f, *args, **kwargs)
+        on_fail()
+        f.write(b'\0' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    return save
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth.tar'
+    atomic_save({'state_dict': {'w': torch.ones(3)}}, str(path))
+    before = hashes(tmp_path)
+    monkeypatch.setattr(torch, 'save', _full_disk_save(1))
+    with pytest.raises(WriteError, match=r"could not write '.*last\.pth\.tar': No space left on device \(ENOSPC\); "
+                                         r"the previous file is unchanged"):
+        atomic_save({'state_dict': {'w': torch.zeros(3)}}, str(path))
+    assert hashes(tmp_path) == before
+
+    csv_path = tmp_path / 'summary.csv'
+    append_summary(0, {'loss': 1.0}, {'top1': 50.0}, str(csv_path), lr=0.1)
+    before = hashes(tmp_path)
+
+    def half_row(epoch, train_metrics, eval_metrics, filename, lr=None):
+        with open(filename, 'a') as f:
+            f.write('1,0.5')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr('sdpgo_timm.checkpoint.update_summary', half_row)
+    with pytest.raises(WriteError, match='summary.csv'):
+        append_summary(1, {'loss': 0.5}, {'top1': 60.0}, str(csv_path), lr=0.1)
+    assert hashes(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files are loaded as data only
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.mark.parametrize('entry', ['train --resume', 'train --initial-checkpoint', 'validate --checkpoint',
+                                   'hub push'])
+def test_a_checkpoint_that_would_run_code_is_refused(entry, tmp_path, fake_hub, error_lines, capsys):  # noqa: F811
+    marker = tmp_path / 'marker'
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'arch': 'test_resnet', 'args': _Payload(marker)}, evil)
+    if entry == 'hub push':
+        assert hub.main(['push', str(evil), 'sdpgo/evil']) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert fake_hub.requests == []
+    elif entry == 'validate --checkpoint':
+        assert run_validate(['digits', '--checkpoint', str(evil), '--workers', '0']) == 2
+        errors = error_lines()
+    else:
+        flag = entry.split()[1]
+        assert run_train(['digits', *FAST, flag, str(evil), '--output', str(tmp_path / 'out')]) == 2
+        errors = error_lines()
+    assert not marker.exists()
+    assert len(errors) == 1 and 'needs arbitrary code to load (posix.system): refused' in errors[0]
+    assert 'weights_only=True' in errors[0]
+
+
+def test_a_config_that_would_run_code_is_refused(tmp_path, error_lines):
+    marker = tmp_path / 'marker'
+    config = tmp_path / 'evil.yaml'
+    config.write_text(f'epochs: !!python/object/apply:os.system ["touch {marker}"]\n')
+    assert run_train(['digits', *FAST, '-c', str(config), '--output', str(tmp_path / 'out')]) == 2
+    assert not marker.exists() and 'is not valid YAML' in error_lines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unreadable images
+
+
+def _image_folder_with_corrupt(source: Path, target: Path, corrupt: List[str]) -> Path:
+    shutil.copytree(source, target)
+    for name in corrupt:
+        (target / name).write_bytes(b'not a png')
+    return target
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_unreadable_images_are_named_and_counted(image_folder, tmp_path, workers, caplog):
+    caplog.set_level(logging.INFO, logger='train')
+    bad = ['train/cat/cat_3.png', 'train/fox/fox_5.png']
+    data = _image_folder_with_corrupt(image_folder, tmp_path / 'data', bad)
+    assert run_train([str(data), *FAST, '-b', '8', '--epochs', '1', '--workers', str(workers), '--output',
+                      str(tmp_path), '--experiment', 'run']) == 0
+    row, = summary(tmp_path / 'run')
+    assert int(row['train_skipped']) == 2
+    if workers == 0:  # worker processes log to their own stderr
+        warnings = [r.getMessage() for r in caplog.records if 'Skipped unreadable image' in r.getMessage()]
+        assert {re.search(r"'(.+?)'", w).group(1) for w in warnings} == {str(data / b) for b in bad}
+        assert any('2 unreadable skipped' in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one documented message, the documented exit status, nothing partly written, earlier runs unharmed
+
+
+class Case(NamedTuple):
+    tool: str  # train, validate, hub
+    argv: Callable[['Inputs'], List[str]]
+    message: str
+    status: int = 2
+    fault: Optional[str] = None  # 'full disk' / 'nan loss': a failure injected during training
+
+
+class Inputs(NamedTuple):
+    root: Path
+    previous: Path  # an earlier run's folder (train writes beside it, under root/'runs')
+    data: Path  # an image folder
+    empty: Path
+    corrupt_class: Path
+    truncated: Path
+    not_a_file: Path
+
+
+def train_argv(inputs: Inputs, *argv: str, experiment: str = 'previous') -> List[str]:
+    """`argv` after FAST settings that write beside the earlier run (into it by default): `argv` wins."""
+    return [*FAST, '--output', str(inputs.root / 'runs'), *(['--experiment', experiment] if experiment else []), *argv]
+
+
+CASES = {
+    # train.py
+    'train: empty data folder': Case('train', lambda i: train_argv(i, str(i.empty)), 'is empty'),
+    'train: class with only corrupt images': Case(
+        'train', lambda i: train_argv(i, str(i.corrupt_class)),
+        "class 'fox' has no readable image: all 8 of its files fail to load"),
+    'train: truncated --resume': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--resume', str(i.truncated)),
+        'the file is truncated or corrupt'),
+    'train: truncated --initial-checkpoint': Case(
+        'train', lambda i: train_argv(i, 'digits', '--initial-checkpoint', str(i.truncated)),
+        'is not a timm training checkpoint'),
+    'train: checkpoint of another architecture': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--model', 'resnet10t', '--resume',
+                                      str(i.previous / 'last.pth.tar')),
+        "holds a 'test_resnet' model, not --model 'resnet10t'"),
+    'train: num_classes mismatch': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--num-classes', '12', '--resume',
+                                      str(i.previous / 'last.pth.tar')), 'does not fit --model'),
+    'train: unknown option in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'unknown.yaml')), "unknown key(s) ['epoch']"),
+    'train: non-numeric option': Case(
+        'train', lambda i: train_argv(i, 'digits', '--epochs', 'ten'), "argument --epochs: invalid int value: 'ten'"),
+    'train: non-numeric YAML value': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'words.yaml')), "lr: 'fast' in config file"),
+    'train: negative epochs': Case('train', lambda i: train_argv(i, 'digits', '--epochs', '-1'),
+                                   '--epochs must be >= 1, got -1'),
+    'train: zero batch size': Case('train', lambda i: train_argv(i, 'digits', '-b', '0'),
+                                   '--batch-size must be >= 1, got 0'),
+    'train: negative lr': Case('train', lambda i: train_argv(i, 'digits', '--lr', '-0.1'), '--lr must be >= 0'),
+    'train: negative workers': Case('train', lambda i: train_argv(i, 'digits', '--workers', '-1'),
+                                    '--workers must be >= 0'),
+    'train: negative recovery interval': Case(
+        'train', lambda i: train_argv(i, 'digits', '--recovery-interval', '-5'), '--recovery-interval must be >= 0'),
+    'train: --resume auto without --experiment': Case(
+        'train', lambda i: train_argv(i, 'digits', '--resume', 'auto', experiment=''),
+        '--resume auto needs --experiment'),
+    'train: unknown option': Case('train', lambda i: train_argv(i, 'digits', '--bogus'),
+                                  'unrecognized arguments: --bogus'),
+    'train: unwritable output folder': Case(
+        'train', lambda i: train_argv(i, 'digits', '--output', str(i.not_a_file / 'runs')),
+        'cannot write to the output folder'),
+    'train: disk full while saving': Case(
+        'train', lambda i: train_argv(i, 'digits', '-b', '128', '--epochs', '2', experiment='full'),
+        'No space left on device (ENOSPC); the previous file is unchanged', status=5, fault='full disk'),
+    'train: NaN loss': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '-b', '128', '--epochs', '2', '--recovery-interval',
+                                      '2', experiment='nan'),
+        'non-finite loss in epoch 1 (by step 3)', status=3, fault='nan loss'),
+    # validate.py
+    'validate: truncated checkpoint': Case('validate', lambda i: ['digits', '--checkpoint', str(i.truncated)],
+                                           'is not a timm training checkpoint'),
+    'validate: empty data folder': Case('validate', lambda i: [str(i.empty), '--model', 'test_resnet'], 'is empty'),
+    'validate: class with only corrupt images': Case(
+        'validate', lambda i: [str(i.corrupt_class), '--model', 'test_resnet', '--split', 'train'],
+        "class 'fox' has no readable image"),
+    'validate: zero batch size': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '-b', '0'],
+                                      '--batch-size must be >= 1'),
+    'validate: non-numeric option': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '--workers', 'x'],
+                                         "argument -j/--workers: invalid int value: 'x'"),
+    # python -m sdpgo_timm.hub push
+    'hub: truncated checkpoint': Case('hub', lambda i: ['push', str(i.truncated), 'sdpgo/x'],
+                                      'is not a timm training checkpoint'),
+    'hub: empty file': Case('hub', lambda i: ['push', str(i.root / 'empty.pth.tar'), 'sdpgo/x'],
+                            'is not a timm training checkpoint'),
+    'hub: args.yaml that is not a mapping': Case(
+        'hub', lambda i: ['push', str(i.previous / 'last.pth.tar'), 'sdpgo/x', '--args-yaml',
+                          str(i.root / 'list.yaml')],
+        'is not an args.yaml written by training'),
+}
+
+
+@pytest.fixture
+def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
+    previous = tmp_path / 'runs' / 'previous'
+    shutil.copytree(sdpgo_run, previous)
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes((sdpgo_run / 'last.pth.tar').read_bytes()[:20000])
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty.pth.tar').write_bytes(b'')
+    (tmp_path / 'unknown.yaml').write_text('epoch: 3\n')
+    (tmp_path / 'words.yaml').write_text('lr: fast\n')
+    (tmp_path / 'list.yaml').write_text('- model\n')
+    (tmp_path / 'a_file').write_text('')
+    corrupt = [f'train/fox/fox_{i}.png' for i in range(8)]
+    return Inputs(tmp_path, previous, image_folder, tmp_path / 'empty',
+                  _image_folder_with_corrupt(image_folder, tmp_path / 'corrupt', corrupt), truncated,
+                  tmp_path / 'a_file')
+
+
+def _inject(fault: str, root: Path, monkeypatch) -> Dict[str, Dict[str, str]]:
+    """Make the run fail in epoch 1 as `fault` says; the returned dict gets the files' hashes at that moment."""
+    at_failure: Dict[str, Dict[str, str]] = {}
+    snapshot = lambda: at_failure.setdefault('hashes', hashes(root))  # noqa: E731
+    if fault == 'full disk':
+        monkeypatch.setattr(torch, 'save', _full_disk_save(2, snapshot))  # epoch 0's checkpoint, then epoch 1's
+    else:
+        from sdpgo_timm.task import SDPGOTask
+        real_forward = SDPGOTask.forward
+        steps = []
+
+        @functools.wraps(real_forward)  # the same signature: the loop passes sample indices to SKD tasks
+        def forward(self, *args, **kwargs):
+            out = real_forward(self, *args, **kwargs)
+            steps.append(1)
+            if len(steps) == 22 + 3:  # 22 steps an epoch: the third step of epoch 1, between recovery checkpoints
+                snapshot()
+                out['loss'] = out['loss'] * float('nan')
+            return out
+        monkeypatch.setattr(SDPGOTask, 'forward', forward)
+    return at_failure
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input(case, inputs, error_lines, capsys, monkeypatch, fake_hub):  # noqa: F811
+    tool, argv, message, status, fault = CASES[case]
+    before = hashes(inputs.root)
+    at_failure = _inject(fault, inputs.root / 'runs', monkeypatch) if fault else {}
+    if tool == 'hub':
+        assert hub.main(argv(inputs)) == status
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert fake_hub.requests == []
+    else:
+        run = run_train if tool == 'train' else run_validate
+        assert run([*argv(inputs), '--workers', '0'] if tool == 'validate' else argv(inputs)) == status
+        errors = error_lines()
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not temporaries(inputs.root)
+    if fault:
+        assert hashes(inputs.root / 'runs') == at_failure['hashes']  # nothing written after the failure
+    else:
+        assert hashes(inputs.root) == before  # nothing written at all
