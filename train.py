@@ -65,7 +65,7 @@ def run(args, args_text: str) -> dict:
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
-    mixup_fn = create_mixup(args, model.num_classes, replay_aware=data_path is not None)
+    mixup_fn = create_mixup(args, model.num_classes, replay_aware=data_path in ('views', 'tensors'))
 
     resume_path = resolve_resume(args)
     point = ResumePoint()

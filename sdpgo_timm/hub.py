@@ -202,7 +202,10 @@ def _num_classes(arch: str, state_dict: Dict[str, Any], args: Dict[str, Any], pa
 
 
 def _read_args_yaml(path: Path) -> Dict[str, Any]:
-    args = yaml.safe_load(path.read_text(encoding='utf-8'))
+    try:
+        args = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except yaml.YAMLError as e:
+        raise ValueError(f'{str(path)!r} is not plain YAML (it is read with yaml.safe_load): {e}'.replace('\n', ' '))
     if not isinstance(args, dict):
         raise ValueError(f'{str(path)!r} is not an args.yaml written by training (expected a mapping).')
     return args

@@ -135,4 +135,6 @@ def attach_grad_hooks(
     """Call `callback(index, feature, grad)` when the gradient of each feature arrives."""
     for i, feature in enumerate(features):
         if feature.requires_grad:
-            feature.register_hook(lambda grad, i=i, feature=feature: callback(i, feature, grad))
+            # the hook holds a detached view: holding `feature` itself would make a reference cycle through
+            # autograd's C++ hook list that Python cannot collect, leaking every step's graph
+            feature.register_hook(lambda grad, i=i, feature=feature.detach(): callback(i, feature, grad))

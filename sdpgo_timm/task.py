@@ -197,6 +197,7 @@ class SDPGOTask(TrainingTask):
             pwa=self.pwa.state_dict(),
             cache=self.cache.state_dict() if self.cache is not None else None,
             replay=self.replay,
+            sparsity=self.sparsity,
         )
 
     def load_task_state(
@@ -212,6 +213,7 @@ class SDPGOTask(TrainingTask):
             raise ValueError(
                 f"checkpoint replay mode {state.get('replay')!r} differs from --sdpgo-replay {self.replay!r}")
         self.pwa.load_state_dict(state['pwa'])
+        self.sparsity = state.get('sparsity', self.sparsity)
         cache = state.get('cache')
         self.cache = ReplayCache.from_state_dict(cache, self.device) if cache is not None else None
 

@@ -1,4 +1,7 @@
 """Feature taps: layouts, layer resolution, and gradients read during the normal backward."""
+import gc
+import weakref
+
 import pytest
 import timm
 import torch
@@ -87,3 +90,17 @@ def test_hook_gradient_equals_autograd_of_fresh_ce(name, kwargs, size):
     for hooked, reference in pairs:
         assert reference.abs().sum() > 0
         torch.testing.assert_close(hooked, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_step_leaves_no_tapped_feature_alive():
+    """The gradient hook must not keep its feature (and the graph behind it) alive after backward."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=5)
+    task = SDPGOTask(model, verbose=False)
+    refs = []
+    model.layer4.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    for _ in range(2):
+        task(x, y)['loss'].backward()
+    gc.collect()
+    assert task.cache.alpha is not None and [r() is None for r in refs] == [True, True]
