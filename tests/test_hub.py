@@ -352,3 +352,25 @@ def test_python_m_entry_point_reports_one_line_and_exit_2(tmp_path):
     )
     assert done.returncode == 2 and done.stdout == ''
     assert done.stderr.count('\n') == 1 and "Bad repo id 'no-namespace'" in done.stderr
+
+
+def test_train_push_to_hub_round_trip(fake_hub, tmp_path):
+    """train.py --push-to-hub: 1 digits epoch, pushed at the end, loads through plain timm."""
+    from conftest import FAST, run_train, run_validate
+    from sdpgo_timm.checkpoint import load_checkpoint_file
+    repo = 'sdpgo/test-resnet-digits'
+    assert run_train(['digits', '--sdpgo', '--epochs', '1', *FAST, '--output', str(tmp_path),
+                      '--experiment', 'pushed', '--push-to-hub', repo]) == 0
+    best = load_checkpoint_file(str(tmp_path / 'pushed' / 'model_best.pth.tar'))
+    pulled = timm.create_model(f'hf-hub:{repo}', pretrained=True)
+    for name, tensor in pulled.state_dict().items():
+        assert torch.equal(tensor, best['state_dict'][name]), name
+    pretrained.register_pretrained(best['arch'], 'sdpgo_digits', hf_hub_id=repo, num_classes=10)
+    by_tag = timm.create_model(f"{best['arch']}.sdpgo_digits", pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(by_tag.state_dict().values(), pulled.state_dict().values()))
+    results = tmp_path / 'val.json'
+    assert run_validate(['digits', '--model', f'hf-hub:{repo}', '--pretrained', '--input-size', '3', '16', '16',
+                         '--workers', '0', '--results-file', str(results)]) == 0
+    top1 = json.loads(results.read_text())[0]['top1']
+    last = list(csv.DictReader(open(tmp_path / 'pushed' / 'summary.csv')))[-1]
+    assert top1 == pytest.approx(float(last['eval_top1']), abs=1e-3)  # validate.py rounds to 3 decimals
