@@ -131,17 +131,17 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
 
 
 def _load_error(path: str, error: Exception, fix: str = '') -> str:
-    """One line saying why torch.load(weights_only=True) refused or failed; never advises weights_only=False."""
+    """One line saying why torch.load(weights_only=True) refused or failed; never advises full unpickling."""
     message = str(error)
     code = re.search(r'unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)', message, re.IGNORECASE)
     if code:
         return (f"{str(path)!r} needs arbitrary code to load ({code.group(1)}): refused, files are loaded as data "
-                "only (weights_only=True). If you trust it, load it once with torch.load(..., weights_only=False) "
-                "and re-save only its tensors (state_dict).")
+                "only (weights_only=True). If you trust its source, load it once with full unpickling in a separate "
+                "script and re-save only its tensors (state_dict).")
     detail = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', message)
     if detail:
         reason = detail.group(1)
-    else:  # the first sentence: torch's own messages go on to suggest weights_only=False
+    else:  # the first sentence: torch's own messages go on to suggest disabling weights_only
         reason = (message.strip().splitlines() or [type(error).__name__])[0].split('. ')[0]
         if _is_zip(path):
             reason = f"the file is truncated or corrupt: {reason}"
