@@ -181,10 +181,6 @@ class SDPGOTask(TrainingTask):
         if self.has_ema():
             self.trainable_module_ema.update(self.get_eval_model(), step=step)
 
-    def get_clip_parameters(self, exclude_head: bool = False):
-        parameters = list(self.get_eval_model().parameters())
-        return parameters[:-2] if exclude_head else parameters
-
     def reset(self) -> None:
         """Forget the replay cache (the next step is plain CE on its batch)."""
         self.cache = None
