@@ -77,6 +77,8 @@ class PSKDTask(ClassificationTask):
     Under Mixup/CutMix the table keeps the prediction of the mixed image under the row's
     index (a choice; the paper does not say).
     """
+    #: the table is all-gathered at every step, so rank 0's copy is the state of every rank
+    state_shared_across_ranks = True
 
     def __init__(
             self,

@@ -203,11 +203,14 @@ def gather_rank_states(
     """The per-process state a checkpoint needs, as extra checkpoint keys; collective under DDP.
 
     `replay_mixup` is this process's Mixup record; under DDP `task_state_ranks` and
-    `replay_mixup_ranks` hold every rank's replay cache and record; `recovery_ranks` every
+    `replay_mixup_ranks` hold every rank's replay cache and record (not for a task whose
+    `state_shared_across_ranks` is true: its `task_state` from rank 0 serves every rank); `recovery_ranks` every
     rank's `recovery` state (mid-epoch position) when given.
     """
     mixup = mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None
-    state = _to_cpu(dict(task_state=task.get_task_state(), mixup=mixup, recovery=recovery))
+    # a task whose state is the same on every rank (PS-KD's table) is saved once, from rank 0's `task_state`
+    rank_state = None if getattr(task, 'state_shared_across_ranks', False) else task.get_task_state()
+    state = _to_cpu(dict(task_state=rank_state, mixup=mixup, recovery=recovery))
     states = [state]
     if args.distributed:
         states = [None] * args.world_size

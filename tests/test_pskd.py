@@ -1,4 +1,5 @@
 """PSKDTask: last-epoch soft targets, α schedule, table updates and state, DDP table sync, indexed loader."""
+import argparse
 import copy
 import os
 import socket
@@ -15,6 +16,7 @@ from sdpgo_timm.baselines import create_skd_task
 from sdpgo_timm.data import DigitsDataset
 from sdpgo_timm.pskd import PSKDTask, _last_write_wins
 from sdpgo_timm.replay import create_indexed_loader
+from sdpgo_timm.runtime import gather_rank_states
 from sdpgo_timm.sil import per_sample_kl
 
 NUM_CLASSES = 5
@@ -171,7 +173,9 @@ def _ddp_worker(rank, world_size, port, out_dir):
         table, seen = task.table.clone(), task.seen.clone()
         task.set_epoch(1)
         out1 = task(x1, y, torch.tensor([2 * (1 - rank), 2 * (1 - rank) + 1]))
+        extra = gather_rank_states(task, None, argparse.Namespace(distributed=True, world_size=world_size))
         torch.save(dict(
+            extra_keys=sorted(extra),
             prob=F.softmax(out0['output'].detach(), 1), table=table, seen=seen,
             loss1=out1['loss'].detach(), logits1=out1['output'].detach()), os.path.join(out_dir, f'{rank}.pt'))
     finally:
@@ -186,6 +190,8 @@ def test_ddp_ranks_share_every_prediction(tmp_path):
     r0, r1 = (torch.load(tmp_path / f'{r}.pt') for r in range(2))
     assert torch.equal(r0['table'], r1['table']) and torch.equal(r0['seen'], r1['seen'])
     assert r0['seen'].tolist() == [True] * 4 + [False] * 2
+    # the table is the same on every rank, so a checkpoint keeps rank 0's copy only, not one per rank
+    assert r0['extra_keys'] == r1['extra_keys'] == []
     torch.testing.assert_close(r0['table'][:4], torch.cat([r0['prob'], r1['prob']]))
     # epoch 1: each rank's soft targets use the predictions the other rank made in epoch 0
     y = F.one_hot(torch.tensor([0, 2]), 3).float()
