@@ -5,7 +5,7 @@ DLB is SIL with the full teacher distribution, α fixed at 1, additive weighting
 `DLBTwoForwardTask` runs it as the authors' code does, one forward per half, so that its
 step cost can be compared with the one-forward preset.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ class DLBTwoForwardTask(SDPGOTask):
             input: torch.Tensor,
             target: torch.Tensor,
             index: Optional[torch.Tensor] = None,
-            loss_scale: float = 1.0,
+            loss_scale: Union[float, torch.Tensor] = 1.0,
     ) -> Dict[str, torch.Tensor]:
         """One DLB step; returns the same entries as SDPGOTask.forward (output: [replay; fresh])."""
         input, target, num_replay = self._batch(input, target, index)

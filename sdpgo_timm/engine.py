@@ -13,7 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -115,6 +115,21 @@ class TrainMeter:
         self.fresh_seen, self.model_seen = state['fresh_seen'], state['model_seen']
 
 
+def amp_loss_scale(loss_scaler) -> Union[float, torch.Tensor]:
+    """The factor timm's NativeScaler multiplies the loss by, without a host sync.
+
+    GradScaler.get_scale() reads its scale tensor with .item(), one device sync per step; the
+    SKD tasks only use the scale inside their backward hooks, so they get the device tensor
+    itself (it changes only in scaler.update(), after the backward). Before the scaler's first
+    step, and with no scaler, the scale is a plain float.
+    """
+    scaler = getattr(loss_scaler, '_scaler', None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    scale = scaler._get_scale_async()
+    return float(scaler.get_scale()) if scale is None else scale
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -167,9 +182,7 @@ def train_one_epoch(
             input = input.contiguous(memory_format=torch.channels_last)
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
-        scale = 1.0 / grad_accum_steps
-        if loss_scaler is not None:
-            scale *= float(loss_scaler._scaler.get_scale())
+        scale = amp_loss_scale(loss_scaler) / grad_accum_steps
         sync = nullcontext() if update else task.no_sync()
         with sync:
             with amp_autocast():

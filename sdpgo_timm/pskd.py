@@ -183,7 +183,7 @@ class PSKDTask(ClassificationTask):
             input: torch.Tensor,
             target: torch.Tensor,
             index: Optional[torch.Tensor] = None,
-            loss_scale: float = 1.0,
+            loss_scale: Union[float, torch.Tensor] = 1.0,
     ) -> Dict[str, torch.Tensor]:
         """One PS-KD step.
 

@@ -7,7 +7,7 @@ the fresh half's feature gradients during the caller's normal backward and PWA t
 into the α of the fresh half, which is cached with its teacher for the next step.
 """
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,8 @@ class SDPGOTask(TrainingTask):
 
     Call `task(input, target, index=None, loss_scale=1.0)`; `loss_scale` is the factor the
     returned loss is multiplied by before backward (AMP scale × 1/accumulation steps),
-    needed so that PWA sees gradients on a stable scale.
+    needed so that PWA sees gradients on a stable scale; a device tensor (the GradScaler's
+    scale) avoids a host sync.
     """
 
     def __init__(
@@ -247,7 +248,7 @@ class SDPGOTask(TrainingTask):
             input: torch.Tensor,
             target: torch.Tensor,
             index: Optional[torch.Tensor] = None,
-            loss_scale: float = 1.0,
+            loss_scale: Union[float, torch.Tensor] = 1.0,
     ) -> Dict[str, torch.Tensor]:
         """One SDPGO step's loss; see the class docstring for the arguments.
 
@@ -289,7 +290,13 @@ class SDPGOTask(TrainingTask):
             self._attach_pwa(cache, features, num_replay, grad_multiplier=len(input) / loss_scale)
         return cache
 
-    def _attach_pwa(self, cache: ReplayCache, features: List[torch.Tensor], num_replay: int, grad_multiplier: float):
+    def _attach_pwa(
+            self,
+            cache: ReplayCache,
+            features: List[torch.Tensor],
+            num_replay: int,
+            grad_multiplier: Union[float, torch.Tensor],
+    ):
         """Hook the fresh half of each tapped feature; fill cache.alpha once all have fired."""
         z: List[Optional[torch.Tensor]] = [None] * len(features)
         sparsity: List[Optional[torch.Tensor]] = [None] * len(features)
