@@ -13,16 +13,19 @@ optimizer steps over the same fresh samples per step. The replay methods (SDPGO,
 
     python benchmarks/label_noise.py                 # full table (several minutes per seed)
     python benchmarks/label_noise.py --quick         # smoke run
+    python benchmarks/label_noise.py --jobs 2 --threads 1   # two runs at a time on 2 cores
 """
 import argparse
 import csv
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -60,6 +63,28 @@ def run_one(method: str, eta: float, seed: int, args: argparse.Namespace, out_di
     with open(os.path.join(out_dir, experiment, 'summary.csv')) as f:
         rows = list(csv.DictReader(f))
     return dict(top1=float(rows[-1]['eval_top1']), steps=sum(int(float(r['train_steps'])) for r in rows))
+
+
+class _Serial(Executor):
+    """Runs each submitted call at once, in this process (--jobs 1)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _executor(args: argparse.Namespace) -> Executor:
+    """--jobs worker processes (forked, each with --threads torch threads), or this process."""
+    if args.jobs == 1:
+        return _Serial()
+    return ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context('fork'),
+                               initializer=_set_threads, initargs=(args.threads,))
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -117,6 +142,9 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-size', type=int, default=64, help='batch of the replay methods (others: half)')
     parser.add_argument('--extra', default='', help='more train.py flags for every run, e.g. "--sdpgo-topk 3"')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs in parallel, one process each (e.g. --jobs 2 --threads 1 on 2 cores); '
+                             'the results do not depend on it')
     parser.add_argument('--out-md', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.md'))
     parser.add_argument('--out-csv', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.csv'))
     parser.add_argument('--out-png', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.png'))
@@ -125,20 +153,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.etas, args.epochs, args.img_size, args.model = args.seeds[:1], [0.0, 0.4], 1, 8, 'test_resnet'
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    _set_threads(args.threads)
 
     results: Dict[str, Dict[float, List[float]]] = {m: {e: [] for e in args.etas} for m in args.methods}
     rows = []
     start = time.time()
-    with tempfile.TemporaryDirectory() as out_dir:
-        for seed in args.seeds:
-            for eta in args.etas:
-                for method in args.methods:
-                    r = run_one(method, eta, seed, args, out_dir)
-                    results[method][eta].append(r['top1'])
-                    rows.append(dict(method=method, noise=args.noise, eta=eta, seed=seed, **r))
-                    print(f"{method:6s} eta={eta:<4g} seed={seed} top1={r['top1']:.2f} steps={r['steps']}", flush=True)
+    runs = [(method, eta, seed) for seed in args.seeds for eta in args.etas for method in args.methods]
+    with tempfile.TemporaryDirectory() as out_dir, _executor(args) as pool:
+        futures = [pool.submit(run_one, method, eta, seed, args, out_dir) for method, eta, seed in runs]
+        for (method, eta, seed), future in zip(runs, futures):
+            r = future.result()
+            results[method][eta].append(r['top1'])
+            rows.append(dict(method=method, noise=args.noise, eta=eta, seed=seed, **r))
+            print(f"{method:6s} eta={eta:<4g} seed={seed} top1={r['top1']:.2f} steps={r['steps']}", flush=True)
 
     for path in (args.out_md, args.out_csv, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/label_noise.py --quick: real train.py runs, table, CSV and plot."""
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location('label_noise', ROOT / 'benchmarks' / 'label_noise.py')
     module = importlib.util.module_from_spec(spec)
+    sys.modules['label_noise'] = module  # --jobs workers find run_one by its module's name
     spec.loader.exec_module(module)
     return module
 
@@ -31,3 +33,16 @@ def test_label_noise_quick_writes_table_csv_and_plot(tmp_path, monkeypatch):
     table = Path(out['md']).read_text()
     assert '| CE |' in table and '| SDPGO |' in table and 'η = 0.4' in table
     assert Image.open(out['png']).size == (720, 460)
+
+
+def test_parallel_jobs_give_the_serial_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = _load_benchmark()
+    tops = {}
+    for jobs in (1, 2):
+        out = {k: str(tmp_path / f'j{jobs}.{k}') for k in ('md', 'csv', 'png')}
+        assert bench.main(['--quick', '--methods', 'CE', 'SDPGO',
+                           '--threads', '1', '--jobs', str(jobs),
+                           '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]) == 0
+        tops[jobs] = [(r['method'], r['seed'], r['top1'], r['steps']) for r in csv.DictReader(open(out['csv']))]
+    assert len(tops[1]) == 4 and tops[2] == tops[1]
