@@ -58,6 +58,8 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.num_gpu > 1:
         model = torch.nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
     loader = create_eval_loader(args, dataset, data_config, device)

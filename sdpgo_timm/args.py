@@ -112,6 +112,9 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, key=value')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='enable compilation w/ specified backend (default: inductor).')
+    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
     if not training:
         return
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
@@ -121,9 +124,6 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
     group.add_argument('--head-init-scale', default=None, type=float, help='head initialization scale')
     group.add_argument('--head-init-bias', default=None, type=float, help='head initialization bias value')
-    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                       help='enable compilation w/ specified backend (default: inductor).')
-    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
 
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:

@@ -74,6 +74,18 @@ def test_channels_last_and_amp_run_on_cpu(sdpgo_run, capsys):
     assert 0 <= result['top1'] <= 100
 
 
+def test_torchcompile_evaluates_the_compiled_model_with_the_same_top1(sdpgo_run, capsys, monkeypatch):
+    import torch
+    backends = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: backends.append(kw['backend']) or real_compile(model, **kw))
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0']
+    assert run_validate(argv) == 0 and run_validate(argv + ['--torchcompile', 'aot_eager']) == 0
+    eager, compiled = (json.loads(chunk) for chunk in capsys.readouterr().out.split('--result\n')[1:])
+    assert backends == ['aot_eager']
+    assert compiled[0]['top1'] == pytest.approx(eager[0]['top1'], abs=1e-4)
+
+
 @pytest.mark.parametrize('case', ['missing checkpoint', 'unknown model', 'other architecture', 'other classes',
                                   'no ema', 'not a checkpoint', 'bad results file', 'num gpu on cpu',
                                   'missing split', 'no model'])
