@@ -257,6 +257,10 @@ class SDPGOTask(TrainingTask):
         and sparsity (share of zero channel weights at the latest PWA update).
         """
         input, target, num_replay = self._batch(input, target, index)
+        split = num_replay
+        if not num_replay and torch.is_grad_enabled():
+            input, target, index = _teacherless_replay(input, target, index)
+            split = len(input) // 2
         logits, features = self.trainable_module(input)
         cache = self.cache
         teacher = cache.teacher if num_replay else None
@@ -270,7 +274,7 @@ class SDPGOTask(TrainingTask):
             temperature=self.temperature, topk=self.topk, weighting=self.weighting)
 
         if torch.is_grad_enabled():
-            self.cache = self._next_cache(input, target, index, logits, features, num_replay, loss_scale)
+            self.cache = self._next_cache(input, target, index, logits, features, split, loss_scale)
         out.update(
             output=logits,
             target=target,
@@ -322,6 +326,15 @@ def compile_regions(module: nn.Module, keep_eager: Sequence[str], prefix: str = 
             compile_regions(child, keep_eager, full + '.', **compile_kwargs)
         else:
             child.compile(**compile_kwargs)
+
+
+def _teacherless_replay(input: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor]):
+    """[fresh; fresh]: a step with no teacher yet (the first, or after a weights-only resume) gets
+    only a fresh half; its copy stands in for the replay half with plain CE (the same mean loss and
+    gradient), so that every step has the same batch shape (no torch.compile recompile, one set of
+    allocator buffers) and PWA reads the second copy as it reads any fresh half."""
+    return (torch.cat([input, input]), torch.cat([target, target]),
+            None if index is None else torch.cat([index, index]))
 
 
 def _match_target_format(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

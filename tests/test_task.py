@@ -64,6 +64,31 @@ def test_first_step_equals_plain_ce():
     assert out['alpha'].item() == 0.0 and out['loss_sil'].item() == 0.0
 
 
+@pytest.mark.parametrize('replay', ['tensors', 'views'])
+def test_first_step_has_the_full_batch_shape_and_the_gradient_of_plain_ce(replay):
+    """With no teacher yet, the fresh half runs twice (its copy as a teacherless replay half)."""
+    model = _tiny()
+    ref = copy.deepcopy(model)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(len(args[0])))
+    task = SDPGOTask(model, replay=replay, verbose=False)
+    (x0, y0), (x1, y1) = _batches(2)
+    index0, index1 = torch.arange(4), torch.arange(4, 8)
+    out0 = task(x0, y0, index0) if replay == 'views' else task(x0, y0)
+    out0['loss'].backward()
+    F.cross_entropy(ref(x0), y0).backward()
+    torch.testing.assert_close(out0['loss'], F.cross_entropy(ref(x0), y0))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert len(task.cache) == 4 and task.cache.alpha is not None
+    if replay == 'views':
+        assert torch.equal(task.cache.index, index0)
+        task(torch.cat([x0, x1]), torch.cat([y0, y1]), torch.cat([index0, index1]))
+    else:
+        task(x1, y1)
+    assert shapes == [8, 8]
+
+
 def test_tensors_mode_replays_cached_fresh_half():
     model = _tiny()
     model.eval()  # no BN batch coupling: logits of the replayed inputs are reproducible
