@@ -4,6 +4,7 @@
     python validate.py digits --checkpoint output/train/<run>/model_best.pth.tar
     python validate.py imagenet --model resnet50 --checkpoint model_best.pth.tar --use-ema --amp
     python validate.py /data/imagenet --model resnet50 --pretrained --results-file results.csv
+    python validate.py imagenet --checkpoint model_best.pth.tar --real-labels real.json   # ImageNet-ReaL
 
 The positional argument is a data folder or a benchmark name, as for train.py. What the
 command line leaves unset (--model, input size, mean/std, crop, interpolation, classes) comes
@@ -28,7 +29,8 @@ from sdpgo_timm.args import ConfigError, parse_validate_args, resolve_eval_args
 from sdpgo_timm.checkpoint import load_checkpoint_file
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.engine import validate
-from sdpgo_timm.runtime import create_autocast, create_eval_loader, create_eval_model, default_device, write_results
+from sdpgo_timm.runtime import (
+    create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, write_results)
 
 _logger = logging.getLogger('validate')
 
@@ -54,6 +56,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     dataset = create_split_dataset(args, args.split, is_training=False)
     model = create_eval_model(args, dataset, checkpoint, path)
     param_count = sum(p.numel() for p in model.parameters())
+    real_labels = create_real_labels(args.real_labels, dataset, model.num_classes) if args.real_labels else None
     data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
     model.to(device)
     if args.channels_last:
@@ -65,7 +68,9 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     loader = create_eval_loader(args, dataset, data_config, device)
     amp_autocast, _ = create_autocast(args, device)
     metrics = validate(model, loader, device=device, amp_autocast=amp_autocast, channels_last=args.channels_last,
-                       log_interval=args.log_freq)
+                       log_interval=args.log_freq, on_output=real_labels.add_result if real_labels else None)
+    if real_labels is not None:  # as timm's validate.py: ReaL accuracy replaces top-1/top-5
+        metrics.update(top1=real_labels.get_accuracy(k=1), top5=real_labels.get_accuracy(k=real_labels.topk[-1]))
     result = dict(
         model=args.model, checkpoint=path, split=args.split,
         top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),

@@ -260,6 +260,8 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
         group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                            help='write the results to this .csv or .json file')
+        group.add_argument('--real-labels', default='', type=str, metavar='FILENAME',
+                           help='ImageNet-ReaL labels JSON (real.json): top-1/top-5 against the reassessed labels')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
     group.add_argument('--amp', action='store_true', default=False, help='use mixed precision')
     group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')

@@ -239,10 +239,12 @@ def validate(
         distributed: bool = False,
         world_size: int = 1,
         log_interval: int = 0,
+        on_output: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader.
 
-    `log_interval` > 0 logs the running metrics every that many batches (validate.py's --log-freq).
+    `log_interval` > 0 logs the running metrics every that many batches (validate.py's --log-freq);
+    `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet).
     """
     model.eval()
     criterion = nn.CrossEntropyLoss()
@@ -258,6 +260,8 @@ def validate(
             output = model(input)
         if isinstance(output, (tuple, list)):
             output = output[0]
+        if on_output is not None:
+            on_output(output)
         loss = criterion(output.float(), target)
         k = min(5, output.shape[1])
         top1, top5 = accuracy(output, target, topk=(1, k))

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 import timm
 from timm.layers import set_fast_norm
-from timm.data import create_loader
+from timm.data import RealLabelsImagenet, create_loader
 from timm.models import clean_state_dict, resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device
@@ -171,6 +171,35 @@ def create_eval_model(
             f"the {args.split!r} split has {num_classes} classes but the model predicts {model.num_classes}; "
             "check the data and --num-classes")
     return model
+
+
+def create_real_labels(path: str, dataset: Dataset, num_classes: int) -> RealLabelsImagenet:
+    """timm's ImageNet-ReaL evaluator for --real-labels, given the evaluation dataset in loader order.
+
+    It scores top-1 and top-min(5, num_classes), as the plain evaluation does.
+
+    real.json lists the reassessed labels of ILSVRC2012_val_00000001.JPEG, ... in order; every file of
+    the dataset must be one of them, and the dataset must hold them all (timm's evaluator assumes it).
+    """
+    if not hasattr(dataset, 'filenames'):
+        raise ConfigError(f"--real-labels needs an ImageNet validation folder of ILSVRC2012_val_*.JPEG files; "
+                          f"{type(dataset).__name__} has no file names")
+    try:
+        with open(path) as f:
+            labels = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--real-labels {path!r} cannot be read as JSON: {e}") from None
+    if not isinstance(labels, list):
+        raise ConfigError(f"--real-labels {path!r} must hold a list (one list of labels per validation image)")
+    filenames = dataset.filenames(basename=True)
+    known = {f'ILSVRC2012_val_{i + 1:08d}.JPEG' for i in range(len(labels))}
+    unknown = [name for name in filenames if name not in known]
+    if unknown or len(filenames) != len(labels):
+        raise ConfigError(
+            f"--real-labels {path!r} has labels for {len(labels)} images named ILSVRC2012_val_<n>.JPEG; the "
+            f"split has {len(filenames)} files" + (f", {len(unknown)} not among them (e.g. {unknown[0]!r})" if unknown
+                                                   else '') + ": evaluate the full, unrenamed ImageNet validation set")
+    return RealLabelsImagenet(filenames, real_json=path, topk=(1, min(5, num_classes)))
 
 
 def write_results(path: str, results: List[Dict[str, Any]]) -> None:

@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, run_validate
 
@@ -84,6 +86,65 @@ def test_torchcompile_evaluates_the_compiled_model_with_the_same_top1(sdpgo_run,
     eager, compiled = (json.loads(chunk) for chunk in capsys.readouterr().out.split('--result\n')[1:])
     assert backends == ['aot_eager']
     assert compiled[0]['top1'] == pytest.approx(eager[0]['top1'], abs=1e-4)
+
+
+@pytest.fixture
+def real_folder(tmp_path):
+    """A 2-class validation folder of six images named as ImageNet's (PNG data, .JPEG names)."""
+    rng = np.random.RandomState(0)
+    labels = []
+    for i in range(6):
+        folder = tmp_path / 'data' / 'validation' / f'n0{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            folder / f'ILSVRC2012_val_{i + 1:08d}.JPEG', format='PNG')
+        labels.append(i % 2)
+    return tmp_path / 'data', labels
+
+
+def _real_top(real_folder, tmp_path, capsys, real):
+    path = tmp_path / 'real.json'
+    path.write_text(json.dumps(real))
+    argv = [str(real_folder), '--model', 'test_resnet', '--num-classes', '2', '--img-size', '16', '--workers', '0']
+    assert run_validate(argv) == 0 and run_validate(argv + ['--real-labels', str(path)]) == 0
+    plain, with_real = (json.loads(c)[0] for c in capsys.readouterr().out.split('--result\n')[1:])
+    return plain, with_real
+
+
+def test_real_labels_equal_to_the_folder_labels_give_the_same_top1(real_folder, tmp_path, capsys):
+    root, labels = real_folder
+    plain, real = _real_top(root, tmp_path, capsys, [[y] for y in labels])
+    assert real['top1'] == pytest.approx(plain['top1'], abs=1e-4)
+
+
+def test_real_labels_replace_the_folder_labels(real_folder, tmp_path, capsys):
+    """Every class counted right for images 1-4, images 5-6 left out (empty ReaL lists): top-1 is 100."""
+    root, _ = real_folder
+    plain, real = _real_top(root, tmp_path, capsys, [[0, 1]] * 4 + [[]] * 2)
+    assert real['top1'] == 100.0 and real['top5'] == 100.0
+
+
+@pytest.mark.parametrize('real, message', [
+    ([[0]] * 5, 'labels for 5 images'),
+    ('{"a": 1}', 'must hold a list'),
+    ('not json', 'cannot be read as JSON'),
+])
+def test_bad_real_labels_are_one_line_and_exit_2(real_folder, tmp_path, error_lines, real, message):
+    path = tmp_path / 'real.json'
+    path.write_text(real if isinstance(real, str) else json.dumps(real))
+    root, _ = real_folder
+    assert run_validate([str(root), '--model', 'test_resnet', '--num-classes', '2', '--img-size', '16',
+                         '--workers', '0', '--real-labels', str(path)]) == 2
+    errors = error_lines()
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_real_labels_need_file_names(tmp_path, error_lines):
+    path = tmp_path / 'real.json'
+    path.write_text('[[0]]')
+    assert run_validate(['digits', '--model', 'test_resnet', '--workers', '0', '--real-labels', str(path)]) == 2
+    errors = error_lines()
+    assert len(errors) == 1 and 'needs an ImageNet validation folder' in errors[0], errors
 
 
 @pytest.mark.parametrize('case', ['missing checkpoint', 'unknown model', 'other architecture', 'other classes',
