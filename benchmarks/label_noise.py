@@ -19,6 +19,7 @@ import argparse
 import csv
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     lines = [
         f"# Label noise ({args.noise}) on digits: clean validation top-1 (%) at the last epoch",
         '',
-        f"`python benchmarks/label_noise.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(' `', '`'),
+        f"`{shlex.join(['python', 'benchmarks/label_noise.py', *(argv if argv is not None else sys.argv[1:])])}`",
         '',
         f"{args.model} at {args.img_size} px, {args.epochs} epochs, seeds {args.seeds}, torch {torch.__version__}; "
         f"replay methods at --batch-size {args.batch_size}, the others at {args.batch_size // 2}; "
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
         lines.append(f"| {method} | " + ' | '.join(mean_std(results[method][e]) for e in args.etas) + ' |')
     table = '\n'.join(lines) + '\n'
     Path(args.out_md).write_text(table)
-    plot(results, args.etas, args.out_png, f"digits, {args.noise} label noise: top-1 vs eta")
+    plot(results, args.etas, args.out_png, f"digits, {args.noise} label noise, {args.model}, {args.epochs} epochs "
+                                           f"{args.extra}: last-epoch top-1 vs eta")
     print(table)
     return 0
 
