@@ -146,14 +146,18 @@ def main(argv=None) -> int:
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs in parallel, one process each (e.g. --jobs 2 --threads 1 on 2 cores); '
                              'the results do not depend on it')
-    parser.add_argument('--out-md', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.md'))
-    parser.add_argument('--out-csv', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.csv'))
-    parser.add_argument('--out-png', default=str(ROOT / 'benchmarks' / 'results' / 'label_noise.png'))
+    for ext in ('md', 'csv', 'png'):
+        parser.add_argument(f'--out-{ext}', help=f"default: benchmarks/results/label_noise.{ext} "
+                                                f"(label_noise_quick.{ext} with --quick)")
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: one seed, eta 0 and 0.4, 1 epoch of timm test_resnet at 8 px')
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.etas, args.epochs, args.img_size, args.model = args.seeds[:1], [0.0, 0.4], 1, 8, 'test_resnet'
+    stem = 'label_noise_quick' if args.quick else 'label_noise'
+    for ext in ('md', 'csv', 'png'):  # a smoke run never overwrites the full tables
+        if getattr(args, f'out_{ext}') is None:
+            setattr(args, f'out_{ext}', str(ROOT / 'benchmarks' / 'results' / f'{stem}.{ext}'))
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     _set_threads(args.threads)
