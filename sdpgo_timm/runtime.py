@@ -176,10 +176,9 @@ def create_eval_model(
 def create_real_labels(path: str, dataset: Dataset, num_classes: int) -> RealLabelsImagenet:
     """timm's ImageNet-ReaL evaluator for --real-labels, given the evaluation dataset in loader order.
 
-    It scores top-1 and top-min(5, num_classes), as the plain evaluation does.
-
     real.json lists the reassessed labels of ILSVRC2012_val_00000001.JPEG, ... in order; every file of
     the dataset must be one of them, and the dataset must hold them all (timm's evaluator assumes it).
+    It scores top-1 and top-min(5, num_classes), as the plain evaluation does.
     """
     if not hasattr(dataset, 'filenames'):
         raise ConfigError(f"--real-labels needs an ImageNet validation folder of ILSVRC2012_val_*.JPEG files; "
@@ -195,10 +194,10 @@ def create_real_labels(path: str, dataset: Dataset, num_classes: int) -> RealLab
     known = {f'ILSVRC2012_val_{i + 1:08d}.JPEG' for i in range(len(labels))}
     unknown = [name for name in filenames if name not in known]
     if unknown or len(filenames) != len(labels):
+        strays = f", {len(unknown)} not among them (e.g. {unknown[0]!r})" if unknown else ''
         raise ConfigError(
-            f"--real-labels {path!r} has labels for {len(labels)} images named ILSVRC2012_val_<n>.JPEG; the "
-            f"split has {len(filenames)} files" + (f", {len(unknown)} not among them (e.g. {unknown[0]!r})" if unknown
-                                                   else '') + ": evaluate the full, unrenamed ImageNet validation set")
+            f"--real-labels {path!r} has labels for {len(labels)} images named ILSVRC2012_val_<n>.JPEG; the split "
+            f"has {len(filenames)} files{strays}: evaluate the full, unrenamed ImageNet validation set")
     return RealLabelsImagenet(filenames, real_json=path, topk=(1, min(5, num_classes)))
 
 
