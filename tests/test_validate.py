@@ -116,6 +116,7 @@ def _real_top(real_folder, tmp_path, capsys, real):
 def test_real_labels_equal_to_the_folder_labels_give_the_same_top1(real_folder, tmp_path, capsys):
     root, labels = real_folder
     plain, real = _real_top(root, tmp_path, capsys, [[y] for y in labels])
+    assert real['loss'] == plain['loss']  # the same model evaluated twice
     assert real['top1'] == pytest.approx(plain['top1'], abs=1e-4)
 
 
