@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Robustness to noisy labels on `digits`: CE, label smoothing, DLB, PS-KD and SDPGO.
+"""Accuracy under noisy labels and little data: CE, CE at equal compute, label smoothing, DLB, PS-KD, SDPGO.
 
-Every run is a real `train.py digits ...` run (in-process, through `train.main`), so the
-numbers come from the product. Symmetric (or `--noise asym`: class c -> c+1) noise of rate
-η is put on the training labels; top-1 is measured on the clean validation split at the
-last epoch (not the best epoch, which would peek at the validation set).
+Every run is a real `train.py <dataset> ...` run (in-process, through `train.main`), so the
+numbers come from the product. The datasets are the in-memory benchmarks `digits` (default)
+and `fashion-mnist`. A condition is a label noise rate η (`--etas`, of kind `--noise`: sym, or
+asym = the dataset's class flips) on a share of the training split (`--fractions`: stratified,
+the same share for every method and seed). Top-1 is measured on a clean split at the last epoch
+(not the best epoch, which would peek at that split): `--eval-split validation` (carved from the
+training data) to choose settings, `test` (fashion-mnist) once, for the reported number.
 
-Equal budget: every method trains the same number of epochs AND the same number of
-optimizer steps over the same fresh samples per step. The replay methods (SDPGO, DLB) run
-`--batch-size B` (B/2 replay + B/2 fresh); CE, label smoothing and PS-KD run
-`--batch-size B/2`, so each step of every method sees B/2 new samples.
+Equal budget: every method trains the same number of epochs AND the same number of optimizer
+steps over the same fresh samples per step. The replay methods (SDPGO, DLB) run `--batch-size B`
+(B/2 replay + B/2 fresh); CE, label smoothing and PS-KD run `--batch-size B/2`, so each step of
+every method sees B/2 new samples. A replay step forwards B images, twice CE's, so the row
+`CE×2` (CE for twice the epochs) is CE at the replay methods' compute.
 
-    python benchmarks/label_noise.py                 # full table (several minutes per seed)
+    python benchmarks/label_noise.py                 # digits table (several minutes per seed)
     python benchmarks/label_noise.py --quick         # smoke run
-    python benchmarks/label_noise.py --jobs 2 --threads 1   # two runs at a time on 2 cores
+    python benchmarks/label_noise.py --dataset fashion-mnist --etas 0 --fractions 0.25 0.5 --jobs 2 --threads 1
 """
 import argparse
 import csv
@@ -26,38 +30,47 @@ import tempfile
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the product's own entry point)
 
-# method -> extra train.py flags; `replay` methods take the full batch, the others half of it
+# method -> extra train.py flags; `replay` methods take the full batch, the others half of it; `epochs`: factor
 METHODS: Dict[str, Dict] = {
-    'CE': dict(flags=['--smoothing', '0'], replay=False),
-    'CE+LS': dict(flags=['--smoothing', '0.1'], replay=False),
-    'DLB': dict(flags=['--smoothing', '0', '--skd', 'dlb'], replay=True),
-    'PS-KD': dict(flags=['--smoothing', '0', '--skd', 'pskd'], replay=False),
-    'SDPGO': dict(flags=['--smoothing', '0', '--sdpgo'], replay=True),
+    'CE': dict(flags=['--smoothing', '0'], replay=False, epochs=1),
+    'CE×2': dict(flags=['--smoothing', '0'], replay=False, epochs=2),
+    'CE+LS': dict(flags=['--smoothing', '0.1'], replay=False, epochs=1),
+    'DLB': dict(flags=['--smoothing', '0', '--skd', 'dlb'], replay=True, epochs=1),
+    'PS-KD': dict(flags=['--smoothing', '0', '--skd', 'pskd'], replay=False, epochs=1),
+    'SDPGO': dict(flags=['--smoothing', '0', '--sdpgo'], replay=True, epochs=1),
 }
-COLORS = {'CE': (80, 80, 80), 'CE+LS': (150, 150, 150), 'DLB': (31, 119, 180), 'PS-KD': (44, 160, 44),
-          'SDPGO': (214, 39, 40)}
+DEFAULT_METHODS = ['CE', 'CE+LS', 'DLB', 'PS-KD', 'SDPGO']
+COLORS = {'CE': '#505050', 'CE×2': '#000000', 'CE+LS': '#969696', 'DLB': '#1f77b4', 'PS-KD': '#2ca02c',
+          'SDPGO': '#d62728'}
+# per dataset: defaults of --model, --img-size (None: the recipe's) and --epochs, and the output file stem
+DATASETS = {
+    'digits': dict(model='resnet10t', img_size=16, epochs=10, stem='label_noise'),
+    'fashion-mnist': dict(model='test_resnet', img_size=None, epochs=3, stem='fashion_mnist'),
+}
+Condition = Tuple[float, float]  # (eta, fraction)
 
 
-def run_one(method: str, eta: float, seed: int, args: argparse.Namespace, out_dir: str) -> Dict[str, float]:
-    """Train once; return the last epoch's clean validation top-1 and the run's step count."""
+def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str) -> Dict[str, float]:
+    """Train once; return the last epoch's clean top-1 on --eval-split and the run's step count."""
     spec = METHODS[method]
+    eta, fraction = condition
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
-    extra = [f for f in args.extra.split() if f]
-    experiment = f"{method}-{args.noise}{eta}-s{seed}".replace('+', 'p')
-    argv = ['digits', '--model', args.model, '--epochs', str(args.epochs), '--batch-size', str(batch),
-            '--seed', str(seed), '--label-noise', str(eta), '--label-noise-mode', args.noise,
-            '--input-size', '3', str(args.img_size), str(args.img_size), '--workers', '0',
-            '--log-interval', '1000', '--output', out_dir, '--experiment', experiment, '--checkpoint-hist', '1',
-            *spec['flags'], *extra]
+    extra = shlex.split(args.extra)
+    size = ['--input-size', '3', str(args.img_size), str(args.img_size)] if args.img_size else []
+    experiment = f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+    argv = [args.dataset, '--model', args.model, '--epochs', str(args.epochs * spec['epochs']),
+            '--batch-size', str(batch), '--seed', str(seed), '--label-noise', str(eta),
+            '--label-noise-mode', args.noise, '--train-fraction', str(fraction), '--val-split', args.eval_split,
+            *size, '--workers', '0', '--log-interval', '100000', '--output', out_dir, '--experiment', experiment,
+            '--checkpoint-hist', '1', *spec['flags'], *extra]
     status = train.main(argv)
     if status != 0:
         raise RuntimeError(f"train.py {' '.join(argv)} exited with {status}")
@@ -94,52 +107,86 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def plot(results: Dict[str, Dict[float, List[float]]], etas: Sequence[float], path: str, title: str) -> None:
-    """A line per method: mean top-1 over η (drawn with Pillow, no plotting dependency)."""
-    w, h, left, right, top, bottom = 720, 460, 70, 150, 40, 60
-    img = Image.new('RGB', (w, h), 'white')
-    draw = ImageDraw.Draw(img)
-    means = {m: [statistics.mean(results[m][e]) for e in etas] for m in results}
-    lo = min(min(v) for v in means.values())
-    lo = max(0.0, 10 * int(lo // 10) - 10)
-    hi = 100.0
+def condition_label(condition: Condition, noise: str) -> str:
+    eta, fraction = condition
+    label = f"{noise} η = {eta:g}" if eta else 'clean'
+    return label if fraction == 1 else f"{fraction:.0%} data, {label}"
 
-    def xy(i, acc):
-        x = left + (w - left - right) * (i / max(1, len(etas) - 1))
-        y = top + (h - top - bottom) * (1 - (acc - lo) / (hi - lo))
-        return x, y
 
-    draw.rectangle([left, top, w - right, h - bottom], outline='black')
-    for tick in range(int(lo), int(hi) + 1, 10):
-        _, y = xy(0, tick)
-        draw.line([left - 5, y, left, y], fill='black')
-        draw.text((left - 35, y - 6), f"{tick}", fill='black')
-    for i, eta in enumerate(etas):
-        x, _ = xy(i, lo)
-        draw.line([x, h - bottom, x, h - bottom + 5], fill='black')
-        draw.text((x - 10, h - bottom + 10), f"{eta:g}", fill='black')
-    draw.text((left + (w - left - right) // 2 - 40, h - 25), 'label noise eta', fill='black')
-    draw.text((10, top - 25), title, fill='black')
-    for k, (method, values) in enumerate(means.items()):
-        color = COLORS.get(method, (0, 0, 0))
-        points = [xy(i, v) for i, v in enumerate(values)]
-        draw.line(points, fill=color, width=3)
-        for x, y in points:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        draw.line([w - right + 15, top + 20 * k + 8, w - right + 40, top + 20 * k + 8], fill=color, width=3)
-        draw.text((w - right + 45, top + 20 * k), method, fill='black')
-    img.save(path)
+def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[Condition], noise: str,
+         path: str, title: str) -> bool:
+    """Mean last-epoch top-1 per method and condition, with error bars of one std over seeds.
+
+    matplotlib is optional (`pip install -e ".[plot]"`): without it no PNG is written and False is returned.
+    """
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    x = list(range(len(conditions)))
+    width = 0.8 / max(1, len(results))
+    for k, (method, by_condition) in enumerate(results.items()):
+        values = [by_condition[c] for c in conditions]
+        means = [statistics.mean(v) for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        offsets = [i - 0.4 + width * (k + 0.5) for i in x]
+        ax.errorbar(offsets, means, yerr=stds, fmt='o', capsize=3, color=COLORS.get(method), label=method)
+    ax.set_xticks(x, [condition_label(c, noise) for c in conditions])
+    ax.set_ylabel('last-epoch top-1 (%), mean ± std over seeds')
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend(fontsize=8, loc='lower left')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequence[Condition],
+                 results: Dict[str, Dict[Condition, List[float]]], rows: List[Dict], wall: float) -> str:
+    """The Markdown report: the command, the setting, mean ± std per method and condition, and per-seed numbers."""
+    steps = {m: next(r['steps'] for r in rows if r['method'] == m) for m in args.methods}
+    labels = [condition_label(c, args.noise) for c in conditions]
+    lines = [
+        f"# {args.dataset}: clean {args.eval_split} top-1 (%) at the last epoch",
+        '',
+        f"`{shlex.join(['python', 'benchmarks/label_noise.py', *argv])}`",
+        '',
+        f"{args.model} at {args.img_size or 'the recipe'} px, {args.epochs} epochs (CE×2: {2 * args.epochs}), "
+        f"seeds {args.seeds}, torch {torch.__version__}; replay methods at --batch-size {args.batch_size}, the others "
+        f"at {args.batch_size // 2}; optimizer steps per run at the first condition: "
+        + ', '.join(f"{m} {s}" for m, s in steps.items()) + '. '
+        f"{args.jobs} run(s) at a time, {args.threads or 'default'} torch thread(s) each; wall time {wall:.0f} s.",
+        '',
+        '| method | ' + ' | '.join(labels) + ' |',
+        '|---|' + '---:|' * len(conditions),
+    ]
+    for method in args.methods:
+        lines.append(f"| {method} | " + ' | '.join(mean_std(results[method][c]) for c in conditions) + ' |')
+    lines += ['', 'Per seed (' + ', '.join(str(s) for s in args.seeds) + '):', '',
+              '| method | ' + ' | '.join(labels) + ' |', '|---|' + '---:|' * len(conditions)]
+    for method in args.methods:
+        lines.append(f"| {method} | " + ' | '.join(
+            ' / '.join(f"{v:.2f}" for v in results[method][c]) for c in conditions) + ' |')
+    return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    parser.add_argument('--dataset', default='digits', choices=list(DATASETS))
+    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument('--etas', nargs='+', type=float, default=[0.0, 0.2, 0.4])
     parser.add_argument('--noise', default='sym', choices=('sym', 'asym'))
+    parser.add_argument('--fractions', nargs='+', type=float, default=[1.0],
+                        help='shares of the training split (each condition: every eta at every fraction)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--model', default='resnet10t')
-    parser.add_argument('--img-size', type=int, default=16)
-    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--eval-split', default='validation', help="split scored (fashion-mnist: validation or test)")
+    parser.add_argument('--model', default=None, help='default: resnet10t (digits), test_resnet (fashion-mnist)')
+    parser.add_argument('--img-size', type=int, default=None, help="default: 16 (digits), the recipe's (fashion-mnist)")
+    parser.add_argument('--epochs', type=int, default=None, help='default: 10 (digits), 3 (fashion-mnist)')
     parser.add_argument('--batch-size', type=int, default=64, help='batch of the replay methods (others: half)')
     parser.add_argument('--extra', default='', help='more train.py flags for every run, e.g. "--sdpgo-topk 3"')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
@@ -147,32 +194,41 @@ def main(argv=None) -> int:
                         help='runs in parallel, one process each (e.g. --jobs 2 --threads 1 on 2 cores); '
                              'the results do not depend on it')
     for ext in ('md', 'csv', 'png'):
-        parser.add_argument(f'--out-{ext}', help=f"default: benchmarks/results/label_noise.{ext} "
-                                                f"(label_noise_quick.{ext} with --quick)")
+        parser.add_argument(f'--out-{ext}', help=f"default: benchmarks/results/<stem>.{ext}, stem label_noise "
+                                                f"(digits) or fashion_mnist, with _quick after it for --quick")
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: one seed, eta 0 and 0.4, 1 epoch of timm test_resnet at 8 px')
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    defaults = DATASETS[args.dataset]
+    args.model = args.model or defaults['model']
+    args.epochs = args.epochs or defaults['epochs']
+    args.img_size = args.img_size or defaults['img_size']
     if args.quick:
         args.seeds, args.etas, args.epochs, args.img_size, args.model = args.seeds[:1], [0.0, 0.4], 1, 8, 'test_resnet'
-    stem = 'label_noise_quick' if args.quick else 'label_noise'
+    stem = defaults['stem'] + ('_quick' if args.quick else '')
     for ext in ('md', 'csv', 'png'):  # a smoke run never overwrites the full tables
         if getattr(args, f'out_{ext}') is None:
             setattr(args, f'out_{ext}', str(ROOT / 'benchmarks' / 'results' / f'{stem}.{ext}'))
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if any(not 0 < f <= 1 for f in args.fractions):
+        parser.error(f"--fractions must lie in (0, 1], got {args.fractions}")
     _set_threads(args.threads)
 
-    results: Dict[str, Dict[float, List[float]]] = {m: {e: [] for e in args.etas} for m in args.methods}
+    conditions = [(eta, fraction) for fraction in args.fractions for eta in args.etas]
+    results: Dict[str, Dict[Condition, List[float]]] = {m: {c: [] for c in conditions} for m in args.methods}
     rows = []
     start = time.time()
-    runs = [(method, eta, seed) for seed in args.seeds for eta in args.etas for method in args.methods]
+    runs = [(method, condition, seed) for seed in args.seeds for condition in conditions for method in args.methods]
     with tempfile.TemporaryDirectory() as out_dir, _executor(args) as pool:
-        futures = [pool.submit(run_one, method, eta, seed, args, out_dir) for method, eta, seed in runs]
-        for (method, eta, seed), future in zip(runs, futures):
+        futures = [pool.submit(run_one, method, condition, seed, args, out_dir) for method, condition, seed in runs]
+        for (method, (eta, fraction), seed), future in zip(runs, futures):
             r = future.result()
-            results[method][eta].append(r['top1'])
-            rows.append(dict(method=method, noise=args.noise, eta=eta, seed=seed, **r))
-            print(f"{method:6s} eta={eta:<4g} seed={seed} top1={r['top1']:.2f} steps={r['steps']}", flush=True)
+            results[method][(eta, fraction)].append(r['top1'])
+            rows.append(dict(method=method, noise=args.noise, eta=eta, fraction=fraction, seed=seed, **r))
+            print(f"{method:6s} eta={eta:<4g} fraction={fraction:<4g} seed={seed} top1={r['top1']:.2f} "
+                  f"steps={r['steps']}", flush=True)
 
     for path in (args.out_md, args.out_csv, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -180,26 +236,12 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    steps = {m: next(r['steps'] for r in rows if r['method'] == m) for m in args.methods}
-    lines = [
-        f"# Label noise ({args.noise}) on digits: clean validation top-1 (%) at the last epoch",
-        '',
-        f"`{shlex.join(['python', 'benchmarks/label_noise.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        '',
-        f"{args.model} at {args.img_size} px, {args.epochs} epochs, seeds {args.seeds}, torch {torch.__version__}; "
-        f"replay methods at --batch-size {args.batch_size}, the others at {args.batch_size // 2}; "
-        f"optimizer steps per run: " + ', '.join(f"{m} {s}" for m, s in steps.items()) + '. '
-        f"Wall time {time.time() - start:.0f} s.",
-        '',
-        '| method | ' + ' | '.join(f"η = {e:g}" for e in args.etas) + ' |',
-        '|---|' + '---:|' * len(args.etas),
-    ]
-    for method in args.methods:
-        lines.append(f"| {method} | " + ' | '.join(mean_std(results[method][e]) for e in args.etas) + ' |')
-    table = '\n'.join(lines) + '\n'
+    table = write_tables(args, argv, conditions, results, rows, time.time() - start)
     Path(args.out_md).write_text(table)
-    plot(results, args.etas, args.out_png, f"digits, {args.noise} label noise, {args.model}, {args.epochs} epochs "
-                                           f"{args.extra}: last-epoch top-1 vs eta")
+    title = (f"{args.dataset}, {args.noise} label noise, {args.model}, {args.epochs} epochs {args.extra}: "
+             f"last-epoch {args.eval_split} top-1")
+    if not plot(results, conditions, args.noise, args.out_png, title):
+        print('matplotlib is not installed: no plot written (pip install -e ".[plot]")', file=sys.stderr)
     print(table)
     return 0
 

@@ -58,10 +58,17 @@ def _add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> No
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images.')
     if training:
         group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
-                           help='symmetric noise on the training labels, share ETA in [0, 1) (digits only; seeded by '
-                                '--seed)')
+                           help='noise on the training labels, share ETA in [0, 1) (in-memory benchmarks: digits, '
+                                'fashion-mnist; seeded by --seed)')
         group.add_argument('--label-noise-mode', default='sym', choices=('sym', 'asym'),
-                           help='label noise: sym (uniform over other classes) or asym (class c -> c+1)')
+                           help='label noise: sym (uniform over other classes) or asym (class flips: digits c -> c+1; '
+                                'fashion-mnist T-shirt<->Shirt, Pullover<->Coat, Sandal<->Sneaker)')
+        group.add_argument('--train-fraction', default=1.0, type=float, metavar='F',
+                           help='train on a fixed, class-stratified share F in (0, 1] of the training split '
+                                '(in-memory benchmarks)')
+        group.add_argument('--pad-crop', default=0, type=int, metavar='PIXELS',
+                           help='zero-pad training images by PIXELS and take a random crop of their size, before '
+                                "timm's transform (the CIFAR / Fashion-MNIST augmentation; in-memory benchmarks)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
@@ -347,7 +354,7 @@ def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str)
 
 # options that must lie in a range: (name, minimum)
 _TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('lr', 0), ('workers', 0), ('grad_accum_steps', 1),
-                 ('checkpoint_hist', 1), ('recovery_interval', 0))
+                 ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0))
 _VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0))
 
 
@@ -374,6 +381,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     _check_minima(args, _TRAIN_MINIMA)
+    if not 0. < args.train_fraction <= 1.:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume == 'auto' and not args.experiment:
         raise ConfigError("--resume auto needs --experiment NAME (and --output): it resumes the run in that folder")
     return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)

@@ -32,7 +32,7 @@ def test_label_noise_quick_writes_table_csv_and_plot(tmp_path, monkeypatch):
     assert len({r['steps'] for r in rows}) == 1
     table = Path(out['md']).read_text()
     assert '| CE |' in table and '| SDPGO |' in table and 'η = 0.4' in table
-    assert Image.open(out['png']).size == (720, 460)
+    assert Image.open(out['png']).size == (800, 480)
 
 
 def test_parallel_jobs_give_the_serial_results(tmp_path, monkeypatch):
@@ -49,3 +49,22 @@ def test_parallel_jobs_give_the_serial_results(tmp_path, monkeypatch):
         rows = csv.DictReader(open(results / 'label_noise_quick.csv'))
         tops[jobs] = [(r['method'], r['seed'], r['top1'], r['steps']) for r in rows]
     assert len(tops[1]) == 4 and tops[2] == tops[1]
+
+
+def test_fashion_mnist_fractions_and_equal_compute_row(tmp_path, monkeypatch):
+    """--dataset fashion-mnist on generated IDX files: a data-fraction condition, CE×2 trains twice the epochs
+    (twice CE's steps, as many images forwarded as a replay method), per-seed numbers in the table."""
+    from test_fashion_mnist import _write_fake
+    _write_fake(tmp_path)
+    monkeypatch.setenv('FASHION_MNIST_DIR', str(tmp_path))
+    bench = _load_benchmark()
+    out = {k: str(tmp_path / f'fm.{k}') for k in ('md', 'csv', 'png')}
+    assert bench.main(['--quick', '--dataset', 'fashion-mnist', '--methods', 'CE', 'CE×2', 'SDPGO', '--etas', '0',
+                       '--fractions', '0.01', '--threads', '1', '--out-md', out['md'], '--out-csv', out['csv'],
+                       '--out-png', out['png']]) == 0
+    rows = {r['method']: r for r in csv.DictReader(open(out['csv'])) if float(r['eta']) == 0}
+    assert set(rows) == {'CE', 'CE×2', 'SDPGO'} and {r['fraction'] for r in rows.values()} == {'0.01'}
+    assert int(rows['CE×2']['steps']) == 2 * int(rows['CE']['steps']) == 2 * int(rows['SDPGO']['steps'])
+    table = Path(out['md']).read_text()
+    assert '1% data, clean' in table and 'Per seed' in table and 'CE×2: 2' in table
+    assert Image.open(out['png']).size == (800, 480)

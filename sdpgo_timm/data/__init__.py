@@ -1,2 +1,3 @@
 from .digits import DigitsDataset
 from .noise import apply_label_noise
+from .fashion_mnist import FashionMNISTDataset

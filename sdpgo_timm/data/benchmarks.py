@@ -1,18 +1,23 @@
 """Benchmark names accepted in place of a data directory, and their recipes and data.
 
-`train.py digits ...` uses the embedded digits set; `train.py imagenet ...` reads an
-ImageFolder (train/ and validation/ or val/) from --data-dir or $IMAGENET_DIR. Each name
-may have YAML recipes in hparams/<name>/<model>.yaml (or default.yaml) that set defaults.
+`train.py digits ...` uses the embedded digits set; `train.py fashion-mnist ...` reads the
+Fashion-MNIST IDX files from --data-dir, $FASHION_MNIST_DIR or Debian's folder (both are
+in-memory datasets of this package); `train.py imagenet ...` reads an ImageFolder (train/ and
+validation/ or val/) from --data-dir or $IMAGENET_DIR. Each name may have YAML recipes in
+hparams/<name>/<model>.yaml (or default.yaml) that set defaults.
 """
 import os
 from pathlib import Path
 from typing import Dict, Optional
 
-# benchmark name -> environment variable naming its data folder (None: embedded data)
+# benchmark name -> environment variable naming its image folder (None: an in-memory dataset of this package,
+# which finds its own data: see IN_MEMORY)
 BENCHMARKS: Dict[str, Optional[str]] = {
     'digits': None,
+    'fashion-mnist': None,
     'imagenet': 'IMAGENET_DIR',
 }
+IN_MEMORY = tuple(name for name, env in BENCHMARKS.items() if env is None)
 
 HPARAMS_DIR = Path(os.environ.get('SDPGO_HPARAMS_DIR', Path(__file__).resolve().parents[2] / 'hparams'))
 
@@ -29,7 +34,8 @@ def recipe_path(benchmark: str, model: str) -> Optional[Path]:
 def resolve_data_dir(data: Optional[str], data_dir: Optional[str]) -> Optional[str]:
     """The data folder for the positional argument (a folder or a benchmark name) and --data-dir.
 
-    Returns None for embedded benchmarks. Raises ValueError naming the fix when nothing fits.
+    Returns None for the in-memory benchmarks (their datasets resolve --data-dir themselves).
+    Raises ValueError naming the fix when nothing fits.
     """
     if data in BENCHMARKS:
         env = BENCHMARKS[data]

@@ -1,5 +1,5 @@
-"""Datasets for train.py and validate.py: the embedded digits set or timm's create_dataset
-(image folders checked for unreadable classes and counting skipped images)."""
+"""Datasets for train.py and validate.py: the in-memory benchmarks (digits, fashion-mnist) or
+timm's create_dataset (image folders checked for unreadable classes and counting skipped images)."""
 import argparse
 import os
 from typing import Optional
@@ -8,8 +8,9 @@ from torch.utils.data import Dataset
 
 from timm.data import ImageDataset, create_dataset
 
-from .benchmarks import resolve_data_dir
+from .benchmarks import IN_MEMORY, resolve_data_dir
 from .digits import DigitsDataset
+from .fashion_mnist import FashionMNISTDataset
 from .images import CheckedImageDataset, check_readable_classes
 
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
@@ -28,29 +29,46 @@ def _check_folder_split(root: str, split: str) -> None:
     raise ValueError(f"split {split!r} not found in {root!r} (sub-folders: {found}); set --train-split/--val-split")
 
 
-def _digits_split(split: str) -> str:
-    """The digits split a split name (or a synonym, as timm accepts for folders) selects."""
+_IN_MEMORY_SPLITS = {'digits': ('train', 'validation'), 'fashion-mnist': ('train', 'validation', 'trainval', 'test')}
+
+
+def _in_memory_split(benchmark: str, split: str) -> str:
+    """The split of an in-memory benchmark a split name (or a synonym, as timm accepts for folders) selects."""
     name = split.split('[')[0]
-    if name in _TRAIN_SPLITS or name in _EVAL_SPLITS:
-        return 'train' if name in _TRAIN_SPLITS else 'validation'
-    raise ValueError(f"split {split!r} not found in 'digits' (splits: 'train', 'validation')")
+    name = 'train' if name in _TRAIN_SPLITS else 'validation' if name in _EVAL_SPLITS else name
+    if name not in _IN_MEMORY_SPLITS[benchmark]:
+        known = ', '.join(repr(s) for s in _IN_MEMORY_SPLITS[benchmark])
+        raise ValueError(f"split {split!r} not found in {benchmark!r} (splits: {known})")
+    return name
+
+
+def _create_in_memory(args: argparse.Namespace, split: str, is_training: bool) -> Dataset:
+    """A split of digits or fashion-mnist with the training-only options (read with defaults: validate.py lacks them)."""
+    options = dict(pad_crop=getattr(args, 'pad_crop', 0), fraction=getattr(args, 'train_fraction', 1.0),
+                   fraction_seed=0, label_noise=getattr(args, 'label_noise', 0.0),
+                   noise_mode=getattr(args, 'label_noise_mode', 'sym'), noise_seed=getattr(args, 'seed', 42))
+    if not is_training:
+        options = {}
+    name = _in_memory_split(args.data, split)
+    if args.data == 'digits':
+        return DigitsDataset(name, **options)
+    return FashionMNISTDataset(name, root=args.data_dir, **options)
 
 
 def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool) -> Dataset:
     """One split of the data named by args.data / --data-dir / --dataset.
 
-    Training-only options (label noise, --seed, --train-num-samples) are read with defaults:
+    Training-only options (label noise, --seed, --train-num-samples, ...) are read with defaults:
     validate.py's args do not have them.
     """
     data_dir = resolve_data_dir(args.data, args.data_dir)
-    noise = getattr(args, 'label_noise', 0.0) if is_training else 0.0
+    if data_dir is None:
+        return _create_in_memory(args, split, is_training)
     seed = getattr(args, 'seed', 42)
-    if data_dir is None:  # embedded digits
-        return DigitsDataset(
-            _digits_split(split), label_noise=noise, noise_mode=getattr(args, 'label_noise_mode', 'sym'),
-            noise_seed=seed)
-    if noise:
-        raise ValueError("--label-noise is supported on the embedded 'digits' benchmark only")
+    for name, off in (('label_noise', 0.0), ('train_fraction', 1.0), ('pad_crop', 0)):
+        if getattr(args, name, off) != off:
+            flag = '--' + name.replace('_', '-')
+            raise ValueError(f"{flag} is supported on the in-memory benchmarks only ({', '.join(IN_MEMORY)})")
     if not args.dataset and not any(os.scandir(data_dir)):
         raise ValueError(f"data folder {data_dir!r} is empty; it must hold class sub-folders (ImageFolder)")
     if not args.dataset:

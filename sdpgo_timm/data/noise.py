@@ -5,7 +5,7 @@ Corrupts a fixed, seeded share of the training labels so that robustness to nois
 NumPy's legacy `RandomState` is used on purpose: its stream is frozen, so the same seed
 corrupts the same samples on every machine and NumPy version.
 """
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,6 +18,7 @@ def apply_label_noise(
         eta: float,
         seed: int = 0,
         mode: str = 'sym',
+        flip_map: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
     """Return a noisy copy of `targets` (int64), leaving `targets` untouched.
 
@@ -27,8 +28,10 @@ def apply_label_noise(
         eta: Noise rate in [0, 1).
         seed: Seed of the corruption; equal seeds corrupt equal samples.
         mode: 'sym': exactly round(eta * N) samples, chosen uniformly, get a label drawn
-            uniformly from the other classes. 'asym': in each class c, exactly
-            round(eta * N_c) samples are relabelled (c + 1) % num_classes.
+            uniformly from the other classes. 'asym': in each class c that `flip_map` sends
+            to another class, exactly round(eta * N_c) samples are relabelled flip_map[c].
+        flip_map: Target class of each class under 'asym' noise; a class mapped to itself
+            stays clean. None: class c -> (c + 1) % num_classes.
     """
     if mode not in _NOISE_MODES:
         raise ValueError(f'Unknown label noise mode {mode!r}, expected one of {_NOISE_MODES}.')
@@ -36,6 +39,10 @@ def apply_label_noise(
         raise ValueError(f'Label noise rate must be in [0, 1), got {eta}.')
     if num_classes < 2:
         raise ValueError(f'Label noise needs at least 2 classes, got {num_classes}.')
+    if flip_map is None:
+        flip_map = [(c + 1) % num_classes for c in range(num_classes)]
+    if len(flip_map) != num_classes or any(not 0 <= t < num_classes for t in flip_map):
+        raise ValueError(f'flip_map must give a class in [0, {num_classes}) for each of the {num_classes} classes.')
     clean = np.asarray(targets, dtype=np.int64)
     if clean.size and (clean.min() < 0 or clean.max() >= num_classes):
         raise ValueError(f'Targets must be class indices in [0, {num_classes}).')
@@ -48,7 +55,9 @@ def apply_label_noise(
         noisy[flip] = (clean[flip] + rng.randint(1, num_classes, size=len(flip))) % num_classes
     else:
         for c in range(num_classes):
+            if flip_map[c] == c:
+                continue
             members = np.flatnonzero(clean == c)
             flip = rng.choice(members, size=round(eta * len(members)), replace=False)
-            noisy[flip] = (c + 1) % num_classes
+            noisy[flip] = flip_map[c]
     return noisy
