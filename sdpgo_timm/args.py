@@ -246,6 +246,8 @@ def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--sdpgo-alpha', type=float, default=0.5, help='alpha when --sdpgo-alpha-mode fixed')
     group.add_argument('--sdpgo-alpha-min', type=float, default=0.0, help='lower clamp of PWA alpha')
     group.add_argument('--sdpgo-alpha-max', type=float, default=1.0, help='upper clamp of PWA alpha')
+    group.add_argument('--sdpgo-alpha-warmup', type=int, default=0, metavar='STEPS',
+                       help='ramp the replay half\'s alpha linearly from 0 over the first STEPS training steps (0: off)')
     group.add_argument('--sdpgo-weighting', type=str, default='complementary', choices=('complementary', 'additive'),
                        help='replayed loss: (1-a)CE + a t^2 KL, or CE + a t^2 KL (DLB)')
     group.add_argument('--sdpgo-replay', type=str, default='auto', choices=('auto', 'views', 'tensors'),

@@ -83,6 +83,9 @@ class SDPGOTask(TrainingTask):
         layers: module names to tap (default: the model's last two feature levels).
         alpha_mode: 'pwa' (per-sample α from gradients) or 'fixed' (constant `alpha`).
         alpha, alpha_min, alpha_max: the fixed α; the clamp of PWA's α.
+        alpha_warmup: ramp the replay half's α linearly from 0 over this many training steps
+            (steps with a teacher, counted by the task; 0: off), so that the near-uniform teachers of
+            the first steps weigh little.
         weighting: 'complementary' ((1−α)CE + ατ²KL) or 'additive' (CE + ατ²KL).
         replay: 'tensors' (caller passes the fresh half; the task replays cached tensors)
             or 'views' (caller passes [replay; fresh] with sample indices).
@@ -107,6 +110,7 @@ class SDPGOTask(TrainingTask):
             alpha: float = 0.5,
             alpha_min: float = 0.0,
             alpha_max: float = 1.0,
+            alpha_warmup: int = 0,
             weighting: str = 'complementary',
             replay: str = 'tensors',
             smoothing: float = 0.0,
@@ -119,12 +123,14 @@ class SDPGOTask(TrainingTask):
         num_classes = unwrap_model(model).num_classes
         _check_options(
             temperature=temperature, topk=topk, beta=beta, alpha_mode=alpha_mode, alpha=alpha,
-            alpha_min=alpha_min, alpha_max=alpha_max, weighting=weighting, replay=replay,
+            alpha_min=alpha_min, alpha_max=alpha_max, alpha_warmup=alpha_warmup, weighting=weighting, replay=replay,
             smoothing=smoothing, num_classes=num_classes)
         self.temperature = temperature
         self.topk = topk
         self.alpha_mode = alpha_mode
         self.fixed_alpha = alpha
+        self.alpha_warmup = alpha_warmup
+        self.teacher_steps = 0  # training steps that had a replay half, for the α warm-up
         self.weighting = weighting
         self.replay = replay
         self.smoothing = smoothing
@@ -195,6 +201,7 @@ class SDPGOTask(TrainingTask):
             cache=self.cache.state_dict() if self.cache is not None else None,
             replay=self.replay,
             sparsity=self.sparsity,
+            teacher_steps=self.teacher_steps,
         )
 
     def load_task_state(
@@ -211,6 +218,7 @@ class SDPGOTask(TrainingTask):
                 f"checkpoint replay mode {state.get('replay')!r} differs from --sdpgo-replay {self.replay!r}")
         self.pwa.load_state_dict(state['pwa'])
         self.sparsity = state.get('sparsity', self.sparsity)
+        self.teacher_steps = state.get('teacher_steps', 0)
         cache = state.get('cache')
         self.cache = ReplayCache.from_state_dict(cache, self.device) if cache is not None else None
 
@@ -268,6 +276,10 @@ class SDPGOTask(TrainingTask):
         if num_replay and alpha is None:
             _logger.warning("SDPGO: no backward ran on the previous step; its replay half uses alpha=0.5")
             alpha = teacher.new_full((num_replay,), 0.5)
+        if num_replay and torch.is_grad_enabled():
+            self.teacher_steps += 1
+            if self.alpha_warmup and self.teacher_steps < self.alpha_warmup:
+                alpha = alpha * (self.teacher_steps / self.alpha_warmup)
 
         out = sil_loss(
             logits, self._per_sample_loss(logits, target), target, teacher, alpha,
@@ -345,8 +357,8 @@ def _match_target_format(target: torch.Tensor, like: torch.Tensor) -> torch.Tens
 
 
 def _check_options(
-        *, temperature, topk, beta, alpha_mode, alpha, alpha_min, alpha_max, weighting, replay, smoothing,
-        num_classes,
+        *, temperature, topk, beta, alpha_mode, alpha, alpha_min, alpha_max, alpha_warmup, weighting, replay,
+        smoothing, num_classes,
 ) -> None:
     """One ValueError per bad option, naming it and the accepted values."""
     if not temperature > 0:
@@ -366,5 +378,7 @@ def _check_options(
         raise ValueError(f"sdpgo alpha_min/alpha_max must satisfy 0 <= min <= max <= 1, got {alpha_min}, {alpha_max}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"sdpgo alpha must be in [0, 1], got {alpha}")
+    if alpha_warmup < 0:
+        raise ValueError(f"sdpgo alpha_warmup must be >= 0 steps, got {alpha_warmup}")
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")

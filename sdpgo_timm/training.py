@@ -91,7 +91,8 @@ def create_train_task(
     options = dict(
         temperature=args.sdpgo_temperature, topk=args.sdpgo_topk, beta=args.sdpgo_beta, layers=args.sdpgo_layers,
         alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
-        alpha_max=args.sdpgo_alpha_max, weighting=args.sdpgo_weighting, replay=data_path, smoothing=smoothing)
+        alpha_max=args.sdpgo_alpha_max, alpha_warmup=args.sdpgo_alpha_warmup, weighting=args.sdpgo_weighting,
+        replay=data_path, smoothing=smoothing)
     return create_skd_task(model, method, device=device, **options)
 
 

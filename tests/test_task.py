@@ -209,6 +209,19 @@ def test_fixed_alpha_mode_needs_no_taps():
     assert task.tap_layers == [] and outs[1]['alpha'].item() == pytest.approx(0.3)
 
 
+def test_alpha_warmup_ramps_the_replay_alpha_and_survives_a_resume():
+    task = SDPGOTask(_tiny(), alpha_mode='fixed', alpha=0.6, alpha_warmup=4, verbose=False)
+    outs = _steps(task, _batches(6))
+    # step 0 has no teacher; steps 1..5 have one, their alpha scaled by 1/4, 2/4, 3/4, 1, 1
+    assert [round(o['alpha'].item(), 4) for o in outs] == [0.0, 0.15, 0.3, 0.45, 0.6, 0.6]
+    again = SDPGOTask(_tiny(), alpha_mode='fixed', alpha=0.6, alpha_warmup=4, verbose=False)
+    _steps(again, _batches(2))
+    state = again.get_task_state()
+    resumed = SDPGOTask(_tiny(), alpha_mode='fixed', alpha=0.6, alpha_warmup=4, verbose=False)
+    resumed.load_task_state(state)
+    assert [round(o['alpha'].item(), 4) for o in _steps(resumed, _batches(2, seed=3))] == [0.3, 0.45]
+
+
 def test_dlb_preset_is_ce_plus_full_kl():
     model = _tiny()
     model.eval()
@@ -260,6 +273,7 @@ def test_checkpoint_state_is_the_plain_timm_model():
     (dict(weighting='mul'), 'weighting must be one of'),
     (dict(replay='disk'), 'replay must be one of'),
     (dict(alpha_min=0.6, alpha_max=0.4), 'alpha_min'),
+    (dict(alpha_warmup=-1), 'alpha_warmup must be >= 0'),
 ])
 def test_bad_options_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

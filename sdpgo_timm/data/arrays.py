@@ -7,9 +7,9 @@ The base of the `digits` and `fashion-mnist` benchmarks. Like timm's ImageDatase
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from .noise import apply_label_noise
 from .splits import stratified_subset
@@ -60,15 +60,21 @@ class ArrayImageDataset(Dataset):
         self.clean_targets = np.asarray(targets, dtype=np.int64)
         self.targets = apply_label_noise(
             self.clean_targets, self.num_classes, label_noise, seed=noise_seed, mode=noise_mode, flip_map=flip_map)
-        self.pad_crop = transforms.RandomCrop(images.shape[1:], padding=pad_crop) if pad_crop else None
+        self.pad_crop = pad_crop
+        # padded once here, so that an item's crop is a slice (a PIL pad per item costs a third of a step)
+        self._padded = np.pad(images, ((0, 0), (pad_crop, pad_crop), (pad_crop, pad_crop))) if pad_crop else images
         self.transform = transform
         self.target_transform = target_transform
 
     def __getitem__(self, index: int) -> Tuple[object, int]:
-        img = Image.fromarray(self.images[index]).convert('RGB')
+        pixels = self.images[index]
+        if self.pad_crop:
+            # torch's generator (as torchvision's RandomCrop), which train.py reseeds every epoch
+            y, x = torch.randint(0, 2 * self.pad_crop + 1, (2,)).tolist()
+            h, w = pixels.shape
+            pixels = self._padded[index, y:y + h, x:x + w]
+        img = Image.fromarray(np.ascontiguousarray(pixels)).convert('RGB')
         target = int(self.targets[index])
-        if self.pad_crop is not None:
-            img = self.pad_crop(img)
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
