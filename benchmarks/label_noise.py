@@ -155,7 +155,8 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
         '',
         f"`{shlex.join(['python', 'benchmarks/label_noise.py', *argv])}`",
         '',
-        f"{args.model} at {args.img_size or 'the recipe'} px, {args.epochs} epochs (CE×2: {2 * args.epochs}), "
+        f"{args.model} at {f'{args.img_size} px' if args.img_size else 'the recipe input size'}, {args.epochs} epochs"
+        + (f" (CE×2: {2 * args.epochs})" if 'CE×2' in args.methods else '') + ', '
         f"seeds {args.seeds}, torch {torch.__version__}; replay methods at --batch-size {args.batch_size}, the others "
         f"at {args.batch_size // 2}; optimizer steps per run at the first condition: "
         + ', '.join(f"{m} {s}" for m, s in steps.items()) + '. '
