@@ -9,6 +9,7 @@ Argument parsing and wiring only; the logic lives in sdpgo_timm.
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from datetime import datetime
 from functools import partial
 
@@ -17,29 +18,38 @@ from timm.data import resolve_data_config
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import NativeScaler, distribute_bn, random_seed, setup_default_logging
+from timm.utils import NativeScaler, distribute_bn, random_seed
 
 from sdpgo_timm.args import ConfigError, parse_args
-from sdpgo_timm.checkpoint import CheckpointError, TrainCheckpointSaver, WriteError, append_summary, truncate_summary
-from sdpgo_timm.data.factory import create_split_dataset
+from sdpgo_timm.checkpoint import (
+    SUMMARY_ROW, CheckpointError, TrainCheckpointSaver, WriteError, append_summary, restore_summary_row,
+    truncate_summary)
+from sdpgo_timm.data.factory import check_training_classes, create_split_dataset, dataset_classes
 from sdpgo_timm.engine import NonFiniteLossError, train_one_epoch, validate
 from sdpgo_timm.preemption import PREEMPTED_EXIT, Preempted, PreemptionSignal
+
+INTERRUPTED_EXIT = 130  # a second SIGINT, as shells report a process ended by SIGINT (128 + 2)
 from sdpgo_timm.recovery import RecoveryCheckpoints, restore_recovery
 from sdpgo_timm.runtime import (
-    ResumePoint, create_autocast, create_eval_loader, create_output_dir, create_timm_model, gather_rank_states,
-    init_device, resolve_lr, resolve_resume, resume_training)
+    ResumePoint, check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
+    gather_rank_states, init_device, resolve_lr, resolve_resume, resume_training, setup_script_logging)
 from sdpgo_timm.training import create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method
 
 _logger = logging.getLogger('train')
 
 
-def run(args, args_text: str) -> dict:
+def run(args, args_text: str, cleanup: ExitStack) -> dict:
+    """Train as `args` say; the run folder's lock is released when `cleanup` closes."""
     device = init_device(args)
+    # from here on SIGTERM / SIGUSR1 / SIGINT stop the run at a step (or before the first) instead of killing it
+    preemption = cleanup.enter_context(PreemptionSignal(args.distributed, device))
     primary = args.rank == 0
     random_seed(args.seed, args.rank)
 
     dataset_train = create_split_dataset(args, args.train_split, is_training=True)
     dataset_eval = create_split_dataset(args, args.val_split, is_training=False)
+    check_training_classes(dataset_train, dataset_eval)
+    check_num_classes(args, dataset_train)
     skipped = getattr(dataset_train, 'skipped', None)
     model = create_timm_model(args, dataset_train)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
@@ -94,88 +104,104 @@ def run(args, args_text: str) -> dict:
     if primary:
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
-        output_dir = create_output_dir(args, exp_name, args_text)
+        output_dir = os.path.join(args.output or './output/train', exp_name)
+        in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume_path)), output_dir)
+        create_output_dir(output_dir, args_text, in_place, cleanup)
         saver = TrainCheckpointSaver(
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
             recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
-            task=task)
-        if resume_path and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), output_dir):
+            task=task, classes=dataset_classes(dataset_train))
+        if in_place:
             # resumed in place: keep the best, the history and the recovery files; epochs to redo lose their rows
             saver.load_state_dict_from_checkpoint(resume_path)
             saver.adopt_recovery_files()
             truncate_summary(os.path.join(output_dir, 'summary.csv'), point.epoch)
+            if point.summary_row is not None:
+                restore_summary_row(os.path.join(output_dir, 'summary.csv'), point.summary_row)
         _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
 
+    if point.epoch >= num_epochs and primary:
+        _logger.info(f"Nothing left to train: resumed at epoch {point.epoch} of {num_epochs}; raise --epochs to train on")
     collect = partial(gather_rank_states, task, mixup_fn, args)
     eval_model = task.get_eval_model()
     best = None
-    with PreemptionSignal(args.distributed, device) as preemption:
-        recovery = RecoveryCheckpoints(interval=args.recovery_interval, loader=loader_train, preemption=preemption,
-                                       collect=collect, saver=saver, skipped=skipped)
-        for epoch in range(point.epoch, num_epochs):
-            random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
-            loader_train.set_epoch(epoch)
-            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                mixup_fn.mixup_enabled = False
-            if hasattr(task, 'set_epoch'):
-                task.set_epoch(epoch)
+    if preemption.stopping(wait=True):
+        raise Preempted(f"preempted by {preemption.name} during start-up, before the first step: nothing to save. "
+                        "Run the same command (with --resume auto) to start again.")
+    recovery = RecoveryCheckpoints(interval=args.recovery_interval, loader=loader_train, preemption=preemption,
+                                   collect=collect, saver=saver, skipped=skipped)
+    for epoch in range(point.epoch, num_epochs):
+        random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
+        loader_train.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        if hasattr(task, 'set_epoch'):
+            task.set_epoch(epoch)
 
-            train_metrics = train_one_epoch(
-                epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size,
-                lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
-                grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
-                log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch))
-            meter = None
-            num_updates = int(train_metrics.pop('num_updates'))
-            train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+        train_metrics = train_one_epoch(
+            epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size,
+            lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
+            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+            channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
+            log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch))
+        meter = None
+        num_updates = int(train_metrics.pop('num_updates'))
+        train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
-            eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
-                                    channels_last=args.channels_last, distributed=args.distributed,
-                                    world_size=args.world_size)
-            if task.has_ema() and not args.model_ema_force_cpu:
-                eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
-                                        amp_autocast=amp_autocast, channels_last=args.channels_last,
-                                        distributed=args.distributed, world_size=args.world_size)
-            metric = eval_metrics[args.eval_metric]
-            lr_scheduler.step(epoch + 1, metric)
-            extra = collect()
-            if primary:
-                lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
-                unreadable = f", {train_metrics['skipped']} unreadable skipped" if train_metrics['skipped'] else ''
-                _logger.info(
-                    f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
-                    f"{train_metrics['samples']} samples{unreadable}, {train_metrics['img_per_sec']:.1f} img/s) | "
-                    f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
-                    f"loss {eval_metrics['loss']:.4f}")
-                # the row first: a run stopped before its checkpoint trains the epoch again and rewrites the row
-                append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
-                best = saver.save_checkpoint(epoch, metric=metric, extra=extra)
-            if epoch + 1 < num_epochs and preemption.stopping(wait=True):
-                raise Preempted(f"preempted by {preemption.name} at the end of epoch {epoch}; its checkpoint is "
-                                "saved. Resume with the same command and --resume auto.")
+        eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
+                                channels_last=args.channels_last, distributed=args.distributed,
+                                world_size=args.world_size)
+        if task.has_ema() and not args.model_ema_force_cpu:
+            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
+                                    amp_autocast=amp_autocast, channels_last=args.channels_last,
+                                    distributed=args.distributed, world_size=args.world_size)
+        metric = eval_metrics[args.eval_metric]
+        lr_scheduler.step(epoch + 1, metric)
+        extra = collect()
+        if primary:
+            lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+            unreadable = f", {train_metrics['skipped']} unreadable skipped" if train_metrics['skipped'] else ''
+            _logger.info(
+                f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
+                f"{train_metrics['samples']} samples{unreadable}, {train_metrics['img_per_sec']:.1f} img/s) | "
+                f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
+                f"loss {eval_metrics['loss']:.4f}")
+            # the checkpoint first, holding its row: summary.csv never lists an epoch without a checkpoint, and
+            # a run stopped between the two writes gets the row back when it resumes
+            row = dict(epoch=epoch, train=train_metrics, eval=eval_metrics, lr=lr)
+            best = saver.save_checkpoint(epoch, metric=metric, extra={**extra, SUMMARY_ROW: row})
+            append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
+        if epoch + 1 < num_epochs and preemption.stopping(wait=True):
+            raise Preempted(f"preempted by {preemption.name} at the end of epoch {epoch}; its checkpoint is "
+                            "saved. Resume with the same command and --resume auto.")
 
+    if best is None and saver is not None and saver.best_metric is not None:  # resumed in place, nothing left to train
+        best = (saver.best_metric, saver.best_epoch)
     result = dict(output_dir=output_dir, best_metric=best[0] if best else None, best_epoch=best[1] if best else None)
     if primary and args.push_to_hub and output_dir:
         from sdpgo_timm.hub import push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')
         result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
     if primary:
-        _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
+        if best is None:
+            _logger.info("*** No epoch was trained in this run")
+        else:
+            _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
     return result
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 preempted (resume with --resume auto), 5 a write
-    failed (disk full, permissions)."""
-    if not logging.root.handlers:  # once per process: main() may run several times in one (tests, notebooks)
-        setup_default_logging()
+    """Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a
+    write failed (disk full, permissions), 130 a second Ctrl-C (stopped at once)."""
+    setup_script_logging()
     try:
         args, args_text = parse_args(argv)
-        run(args, args_text)
+        with ExitStack() as cleanup:
+            run(args, args_text, cleanup)
     except (ConfigError, CheckpointError, ValueError) as e:
         _logger.error(f"error: {e}")
         return 2
@@ -188,6 +214,10 @@ def main(argv=None) -> int:
     except WriteError as e:
         _logger.error(f"error: {e}")
         return 5
+    except KeyboardInterrupt:
+        _logger.error("error: interrupted twice (Ctrl-C): stopped at once, without a recovery checkpoint; the "
+                      "checkpoints already written are intact")
+        return INTERRUPTED_EXIT
     return 0
 
 

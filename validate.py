@@ -23,14 +23,14 @@ from typing import Any, Dict, List
 
 import torch
 from timm.data import resolve_data_config
-from timm.utils import setup_default_logging
 
 from sdpgo_timm.args import ConfigError, parse_validate_args, resolve_eval_args
 from sdpgo_timm.checkpoint import load_checkpoint_file
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.engine import validate
 from sdpgo_timm.runtime import (
-    create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, write_results)
+    create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, setup_script_logging,
+    write_results)
 
 _logger = logging.getLogger('validate')
 
@@ -84,8 +84,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    if not logging.root.handlers:  # once per process: main() may run several times in one (tests, notebooks)
-        setup_default_logging()
+    setup_script_logging()
     try:
         args = parse_validate_args(argv)
         results = [evaluate(args, path) for path in checkpoint_paths(args.checkpoint)]

@@ -28,6 +28,8 @@ from timm.utils.checkpoint_saver import load_checkpoint_metadata
 _logger = logging.getLogger('train')
 
 POSITION = 'position'  # {'epoch', 'step', 'num_updates'} of a recovery checkpoint
+CLASSES = 'classes'  # the training data's class names in label order
+SUMMARY_ROW = 'summary_row'  # {'epoch', 'train', 'eval', 'lr'}: the summary.csv row of an epoch checkpoint
 _TMP = '.tmp-'
 _TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
 
@@ -66,7 +68,21 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             os.remove(tmp)
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
+        if isinstance(e, RuntimeError) and _is_torch_write_failure(e):
+            raise WriteError(
+                f"could not write {path!r}: torch.save failed ({_first_line(e)}), e.g. on a full disk; the previous "
+                "file is unchanged. Free space or fix permissions, then continue with --resume auto.") from None
         raise
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _is_torch_write_failure(error: RuntimeError) -> bool:
+    """torch.save's zip writer reports a failed write (a full disk among them) as a RuntimeError, not an OSError."""
+    message = str(error)
+    return any(s in message for s in ('PytorchStreamWriter', 'file write failed', 'inline_container'))
 
 
 def _write_error(path: str, error: OSError) -> WriteError:
@@ -94,6 +110,22 @@ def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: st
         f.flush()
         update_summary(epoch, train_metrics, eval_metrics, f.name, lr=lr)
     atomic_write(path, write)
+
+
+def summary_epochs(path: str) -> list:
+    """The epochs summary.csv has rows for (empty when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline='') as f:
+        return [int(r['epoch']) for r in csv.DictReader(f) if r.get('epoch', '').isdigit()]
+
+
+def restore_summary_row(path: str, row: Dict[str, Any]) -> None:
+    """Append an epoch checkpoint's own summary row (its SUMMARY_ROW) if summary.csv lacks it: a run stopped between
+    the two writes (the checkpoint is written first, so summary.csv never lists an epoch that has no checkpoint)."""
+    if row['epoch'] not in summary_epochs(path):
+        append_summary(row['epoch'], row['train'], row['eval'], path, lr=row['lr'])
+        _logger.info(f"Restored the summary row of epoch {row['epoch']} from its checkpoint")
 
 
 def truncate_summary(path: str, start_epoch: int) -> None:
@@ -219,12 +251,13 @@ class TrainCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver with atomic writes and extra resume state.
 
     `save_checkpoint(..., extra=)` and `save_recovery(..., extra=)` store `extra` beside
-    timm's keys; `last`, `model_best` and the epoch copies change only by an atomic rename
+    timm's keys, and every checkpoint the training data's class names (`classes`); `last`, `model_best` and the epoch copies change only by an atomic rename
     of a complete file.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, classes: Optional[list] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.classes = classes  # the training data's class names, saved as CLASSES for validate.py to check
         self._extra: Dict[str, Any] = {}
         remove_stale_temporaries(self.checkpoint_dir)
 
@@ -266,6 +299,8 @@ class TrainCheckpointSaver(CheckpointSaver):
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
         state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
         state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
+        if self.classes is not None:
+            state[CLASSES] = list(self.classes)
         state.update(self._extra)
         if metric is not None:
             state['metric'] = metric

@@ -1,7 +1,9 @@
-"""Preemption: stop on SIGTERM / SIGUSR1 at a step every process agrees on.
+"""Preemption: stop on SIGTERM / SIGUSR1 / SIGINT at a step every process agrees on.
 
 Clusters announce a preemption with a signal (SIGTERM from Kubernetes, torchrun and SLURM's
-`scancel`; SIGUSR1 from `sbatch --signal`) some time before they kill the job.
+`scancel`; SIGUSR1 from `sbatch --signal`) some time before they kill the job; a person at
+the terminal presses Ctrl-C (SIGINT), which is treated the same way (a second Ctrl-C stops at
+once, saving nothing).
 `PreemptionSignal` only records the signal; the training loop asks `stopping()` after each
 optimizer step, writes a recovery checkpoint when it says so and raises `Preempted`, which
 train.py turns into exit status 4. Under DDP the flag is all-reduced every step, so all
@@ -19,7 +21,7 @@ import torch.distributed as dist
 _logger = logging.getLogger('train')
 
 PREEMPTED_EXIT = 4
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -27,7 +29,7 @@ class Preempted(Exception):
 
 
 class PreemptionSignal:
-    """Record SIGTERM / SIGUSR1 while active (a context manager); tell all ranks alike when to stop.
+    """Record SIGTERM / SIGUSR1 / SIGINT while active (a context manager); tell all ranks alike when to stop.
 
     Args:
         distributed: all-reduce the flag so that every rank stops after the same step.
@@ -57,6 +59,8 @@ class PreemptionSignal:
             self._pending = None
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a recovery checkpoint
         if self.received is None:
             _logger.warning(f"Received {signal.Signals(signum).name}: stopping after this step to save a recovery "
                             "checkpoint")

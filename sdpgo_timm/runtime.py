@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,10 +29,11 @@ from timm.utils import init_distributed_device
 
 from .args import ConfigError
 from .checkpoint import (
-    POSITION, CheckpointError, WriteError, atomic_write_text, find_resume_checkpoint, load_checkpoint_file,
-    resume_position)
-from .data.factory import dataset_num_classes
+    CLASSES, POSITION, SUMMARY_ROW, CheckpointError, WriteError, atomic_write_text, find_resume_checkpoint,
+    load_checkpoint_file, resume_position)
+from .data.factory import check_same_classes, dataset_num_classes
 from .pretrained import ensure_cached
+from .rundir import RunFolderLock, check_run_folder
 
 _logger = logging.getLogger('train')
 
@@ -40,6 +41,28 @@ _RANK_STATES = 'task_state_ranks'
 _MIXUP_STATE = 'replay_mixup'
 _MIXUP_RANKS = 'replay_mixup_ranks'
 _RECOVERY_RANKS = 'recovery_ranks'
+
+
+class _ScriptFormatter(logging.Formatter):
+    """timm's console format (INFO bare, others `LEVEL: message`), except that an error line of ours, which already
+    starts with `error:`, prints as it is (not `ERROR: error: ...`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno == logging.INFO or (record.levelno >= logging.ERROR and message.startswith('error:')):
+            return message
+        return f"{record.levelname}: {message}"
+
+
+def setup_script_logging() -> None:
+    """Console logging of train.py and validate.py, set up once per process (main() may run several times in one:
+    tests, notebooks)."""
+    if logging.root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ScriptFormatter())
+    logging.root.addHandler(handler)
+    logging.root.setLevel(logging.INFO)
 
 
 def default_device(device: Optional[str]) -> str:
@@ -55,6 +78,19 @@ def init_device(args: argparse.Namespace) -> torch.device:
     if args.device == 'cpu' and args.dist_backend is None:
         args.dist_backend = 'gloo'
     return init_distributed_device(args)
+
+
+def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
+    """A ConfigError for a --num-classes that cannot train on `dataset` (below 1, or below its class count)."""
+    declared = dataset_num_classes(dataset)
+    if args.num_classes is None:
+        return
+    if args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes} (0 would build a model without a "
+                          "classifier); leave it out to take the data's class count")
+    if declared is not None and args.num_classes < declared:
+        raise ConfigError(f"--num-classes {args.num_classes} is fewer than the {declared} classes of the training "
+                          f"data; leave it out or pass --num-classes {declared}")
 
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
@@ -94,7 +130,11 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
         torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
     if getattr(args, 'initial_checkpoint', ''):
         checkpoint = load_checkpoint_file(args.initial_checkpoint)
-        model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
+        try:
+            model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
+        except RuntimeError as e:
+            raise CheckpointError(f"--initial-checkpoint {args.initial_checkpoint!r} does not fit --model "
+                                  f"{args.model!r} with {args.num_classes} classes: {_one_line(e)}") from None
     if getattr(args, 'grad_checkpointing', False):
         model.set_grad_checkpointing(enable=True)
     return model
@@ -165,6 +205,10 @@ def create_eval_model(
             raise CheckpointError(
                 f"{str(path)!r} does not fit --model {args.model!r} with {model.num_classes} classes: "
                 f"{_one_line(e)}") from None
+    trained_on = checkpoint.get(CLASSES) if checkpoint is not None else None
+    if trained_on is not None:
+        check_same_classes(trained_on, dataset, f"the {args.split!r} split",
+                           f"evaluate on data with the class folders the checkpoint was trained on {trained_on}")
     num_classes = dataset_num_classes(dataset)
     if num_classes is not None and num_classes > model.num_classes:
         raise ValueError(
@@ -274,6 +318,7 @@ class ResumePoint:
     epoch: int = 0
     num_updates: Optional[int] = None
     recovery: Optional[Dict[str, Any]] = None
+    summary_row: Optional[Dict[str, Any]] = None  # the summary.csv row an epoch checkpoint holds
 
 
 def resolve_resume(args: argparse.Namespace) -> str:
@@ -305,8 +350,12 @@ def resume_training(
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), task_state)
     except RuntimeError as e:
         raise CheckpointError(f"{path!r} does not fit --model {args.model!r}: {_one_line(e)}") from None
-    if task.has_ema() and checkpoint.get('state_dict_ema') is not None:
-        task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict_ema']), None, ema=True)
+    if task.has_ema():
+        ema = checkpoint.get('state_dict_ema')
+        if ema is None:  # timm builds its EMA after the resume; this one exists already and must not stay random
+            _logger.warning(f"{path!r} has no EMA weights: --model-ema starts from the resumed model's weights")
+            ema = checkpoint['state_dict']
+        task.load_checkpoint_state(clean_state_dict(ema), None, ema=True)
     if optimizer is not None and 'optimizer' in checkpoint and not args.no_resume_opt:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
@@ -316,7 +365,7 @@ def resume_training(
     if mixup_fn is not None and mixup is not None and hasattr(mixup_fn, 'load_state_dict'):
         mixup_fn.load_state_dict(mixup)
     epoch, step = resume_position(checkpoint)
-    point = ResumePoint(epoch)
+    point = ResumePoint(epoch, summary_row=checkpoint.get(SUMMARY_ROW))
     if POSITION in checkpoint:
         point.num_updates = int(checkpoint[POSITION]['num_updates'])
         point.recovery = _this_rank(checkpoint, _RECOVERY_RANKS, args, path)
@@ -324,13 +373,21 @@ def resume_training(
     return point
 
 
-def create_output_dir(args: argparse.Namespace, name: str, args_text: str) -> str:
-    """The run's output folder with its args.yaml; a folder that cannot be written is a ConfigError."""
-    folder = os.path.join(args.output or './output/train', name)
+def create_output_dir(folder: str, args_text: str, resume_in_place: bool, cleanup: ExitStack) -> str:
+    """Make and lock the run's output folder, check that it holds no other run, write args.yaml.
+
+    The lock is held until `cleanup` closes (see `rundir`). A folder that cannot be written, one in use by
+    another run, or one holding a run that this start is not resuming is a ConfigError, and nothing is written.
+    """
     try:
         os.makedirs(folder, exist_ok=True)
+        cleanup.enter_context(RunFolderLock(folder))
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write to the output folder {folder!r}: {e.strerror}; choose another --output") from None
+    check_run_folder(folder, resume_in_place)
+    try:
         atomic_write_text(os.path.join(folder, 'args.yaml'), args_text)
-    except (OSError, WriteError) as e:
-        reason = e.strerror if isinstance(e, OSError) else str(e)
-        raise ConfigError(f"cannot write to the output folder {folder!r}: {reason}; choose another --output") from None
+    except WriteError as e:
+        raise ConfigError(f"cannot write to the output folder {folder!r}: {e}; choose another --output") from None
     return folder

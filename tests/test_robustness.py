@@ -37,8 +37,8 @@ def temporaries(root: Path) -> List[Path]:
 
 
 def hashes(root: Path) -> Dict[str, str]:
-    """sha256 of every file under `root` but temporaries, by relative path."""
-    skip = set(temporaries(root))
+    """sha256 of every file under `root` but temporaries and run-folder locks (held only while a run runs)."""
+    skip = set(temporaries(root)) | set(root.rglob('.lock'))
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob('*')) if p.is_file() and p not in skip}
 
@@ -189,8 +189,9 @@ def test_torchrun_preemption_of_one_rank_stops_all_and_each_gets_its_cache_back(
 # Writes that fail
 
 
-def _full_disk_save(fail_on_call: int, on_fail: Callable[[], None] = lambda: None):
-    """A torch.save that writes half a file and then fails with ENOSPC on its `fail_on_call`-th call."""
+def _full_disk_save(fail_on_call: int, on_fail: Callable[[], None] = lambda: None, zip_writer: bool = False):
+    """A torch.save that writes half a file and then fails with ENOSPC on its `fail_on_call`-th call; with
+    `zip_writer`, torch's own zip writer fails on a full device (/dev/full), raising its RuntimeError."""
     real_save = torch.save
     calls = []
 
@@ -200,6 +201,15 @@ def _full_disk_save(fail_on_call: int, on_fail: Callable[[], None] = lambda: Non
             return real_save(obj, f, *args, **kwargs)
         on_fail()
         f.write(b'\0' * 1000)
+        if zip_writer:  # buffered, as a file torch.save is given: its failed flushes reach torch's writer
+            full = open('/dev/full', 'wb')
+            try:
+                real_save(obj, full, *args, **kwargs)
+            finally:
+                try:
+                    full.close()
+                except OSError:
+                    pass
         raise OSError(errno.ENOSPC, 'No space left on device')
     return save
 
@@ -318,6 +328,9 @@ class Inputs(NamedTuple):
     corrupt_class: Path
     truncated: Path
     not_a_file: Path
+    other_val: Path  # an image folder whose validation split has other classes than its train split
+    one_class: Path  # an image folder with a single class
+    link_loop: Path  # an image folder with a link back to a folder above it
 
 
 def train_argv(inputs: Inputs, *argv: str, experiment: str = 'previous') -> List[str]:
@@ -374,7 +387,38 @@ CASES = {
         'train', lambda i: train_argv(i, 'digits', '--sdpgo', '-b', '128', '--epochs', '2', '--recovery-interval',
                                       '2', experiment='nan'),
         'non-finite loss in epoch 1 (by step 3)', status=3, fault='nan loss'),
+    'train: disk full in torch\'s zip writer (a RuntimeError)': Case(
+        'train', lambda i: train_argv(i, 'digits', '-b', '128', '--epochs', '2', experiment='zipfull'),
+        "torch.save failed ([enforce fail at inline_container.cc", status=5, fault='zip writer full disk'),
+    # the run folder policy: a folder holding a run is written only by a resume of it
+    'train: rerun into a finished run without --resume': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo'), "holds another run (checkpoint-0.pth.tar, "),
+    'train: --resume of another run into a finished run': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--resume', str(i.root / 'elsewhere.pth.tar')),
+        "holds another run"),
+    # silently wrong results
+    'train: --num-classes 0': Case(
+        'train', lambda i: train_argv(i, 'digits', '--num-classes', '0', experiment='new'),
+        '--num-classes must be >= 1, got 0'),
+    'train: --num-classes below the data\'s': Case(
+        'train', lambda i: train_argv(i, 'digits', '--num-classes', '5', experiment='new'),
+        '--num-classes 5 is fewer than the 10 classes of the training data'),
+    'train: validation classes differ from training\'s': Case(
+        'train', lambda i: train_argv(i, str(i.other_val), experiment='new'),
+        "the validation split has other classes than the model was trained on (lacks ['fox'], adds ['wolf'])"),
+    'train: one class': Case(
+        'train', lambda i: train_argv(i, str(i.one_class), experiment='new'),
+        "the training data has 1 class ('cat'); classification needs at least 2"),
+    'train: a link back into the data folder': Case(
+        'train', lambda i: train_argv(i, str(i.link_loop), experiment='new'), 'is a link back to a folder above it'),
+    'train: --initial-checkpoint of another class count': Case(
+        'train', lambda i: train_argv(i, 'digits', '--num-classes', '12', '--initial-checkpoint',
+                                      str(i.previous / 'last.pth.tar'), experiment='new'),
+        "does not fit --model 'test_resnet' with 12 classes"),
     # validate.py
+    'validate: classes differ from the checkpoint\'s': Case(
+        'validate', lambda i: [str(i.data), '--checkpoint', str(i.previous / 'last.pth.tar')],
+        "the 'validation' split has other classes than the model was trained on (lacks ['0', "),
     'validate: truncated checkpoint': Case('validate', lambda i: ['digits', '--checkpoint', str(i.truncated)],
                                            'is not a timm training checkpoint'),
     'validate: empty data folder': Case('validate', lambda i: [str(i.empty), '--model', 'test_resnet'], 'is empty'),
@@ -409,18 +453,27 @@ def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
     (tmp_path / 'words.yaml').write_text('lr: fast\n')
     (tmp_path / 'list.yaml').write_text('- model\n')
     (tmp_path / 'a_file').write_text('')
+    shutil.copy(sdpgo_run / 'checkpoint-0.pth.tar', tmp_path / 'elsewhere.pth.tar')
     corrupt = [f'train/fox/fox_{i}.png' for i in range(8)]
+    other_val = _image_folder_with_corrupt(image_folder, tmp_path / 'other_val', [])
+    (other_val / 'validation' / 'fox').rename(other_val / 'validation' / 'wolf')
+    one_class = _image_folder_with_corrupt(image_folder, tmp_path / 'one_class', [])
+    for split in ('train', 'validation'):
+        for name in ('dog', 'fox'):
+            shutil.rmtree(one_class / split / name)
+    link_loop = _image_folder_with_corrupt(image_folder, tmp_path / 'link_loop', [])
+    (link_loop / 'train' / 'fox' / 'more').symlink_to(link_loop / 'train')
     return Inputs(tmp_path, previous, image_folder, tmp_path / 'empty',
                   _image_folder_with_corrupt(image_folder, tmp_path / 'corrupt', corrupt), truncated,
-                  tmp_path / 'a_file')
+                  tmp_path / 'a_file', other_val, one_class, link_loop)
 
 
 def _inject(fault: str, root: Path, monkeypatch) -> Dict[str, Dict[str, str]]:
     """Make the run fail in epoch 1 as `fault` says; the returned dict gets the files' hashes at that moment."""
     at_failure: Dict[str, Dict[str, str]] = {}
     snapshot = lambda: at_failure.setdefault('hashes', hashes(root))  # noqa: E731
-    if fault == 'full disk':
-        monkeypatch.setattr(torch, 'save', _full_disk_save(2, snapshot))  # epoch 0's checkpoint, then epoch 1's
+    if fault in ('full disk', 'zip writer full disk'):  # epoch 0's checkpoint, then epoch 1's
+        monkeypatch.setattr(torch, 'save', _full_disk_save(2, snapshot, zip_writer=fault.startswith('zip')))
     else:
         from sdpgo_timm.task import SDPGOTask
         real_forward = SDPGOTask.forward
@@ -452,8 +505,119 @@ def test_bad_input(case, inputs, error_lines, capsys, monkeypatch, fake_hub):  #
         assert run([*argv(inputs), '--workers', '0'] if tool == 'validate' else argv(inputs)) == status
         errors = error_lines()
     assert len(errors) == 1 and message in errors[0], errors
-    assert not temporaries(inputs.root)
+    assert not temporaries(inputs.root) and not list(inputs.root.rglob('.lock'))
     if fault:
         assert hashes(inputs.root / 'runs') == at_failure['hashes']  # nothing written after the failure
     else:
         assert hashes(inputs.root) == before  # nothing written at all
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run folders, summary rows, EMA on resume, signals at any time
+
+
+def test_a_folder_in_use_is_refused_and_a_finished_run_removes_its_lock(tmp_path, error_lines):
+    from sdpgo_timm.rundir import LOCK_FILE, RunFolderLock
+    busy = tmp_path / 'busy'
+    busy.mkdir()
+    with RunFolderLock(str(busy)):  # another run writing there (flock conflicts across open files, even in-process)
+        assert run_train(['digits', *FAST, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'busy']) == 2
+        assert f"output folder '{busy}' is in use by a running train.py (pid {os.getpid()})" in error_lines()[-1]
+        assert sorted(p.name for p in busy.iterdir()) == [LOCK_FILE]
+    assert not (busy / LOCK_FILE).exists()
+    assert run_train(['digits', *FAST, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'busy']) == 0
+    assert not (busy / LOCK_FILE).exists() and [r['epoch'] for r in summary(busy)] == ['0']
+
+
+def test_a_folder_with_only_args_yaml_is_reused(tmp_path):
+    """A start that failed before its first checkpoint left only args.yaml: nothing to lose, the rerun proceeds."""
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'args.yaml').write_text('model: resnet50\n')
+    assert run_train(['digits', *FAST, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'run']) == 0
+    assert 'test_resnet' in (tmp_path / 'run' / 'args.yaml').read_text()
+
+
+def test_a_missing_summary_row_comes_back_from_its_checkpoint(sdpgo_run, tmp_path, caplog):
+    """Stopped between epoch 1's checkpoint and its summary row; the resume finds nothing left to train."""
+    caplog.set_level(logging.INFO)
+    run = tmp_path / 'sdpgo'
+    shutil.copytree(sdpgo_run, run)
+    rows = (run / 'summary.csv').read_text().splitlines(True)
+    (run / 'summary.csv').write_text(''.join(rows[:-1]))
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'sdpgo', '--resume', 'auto']) == 0
+    assert (run / 'summary.csv').read_text() == (sdpgo_run / 'summary.csv').read_text()
+    messages = [r.getMessage() for r in caplog.records]
+    assert 'Nothing left to train: resumed at epoch 2 of 2; raise --epochs to train on' in messages
+    best = max(float(r['eval_top1']) for r in summary(sdpgo_run))
+    assert any(m.startswith(f'*** Best metric: {best}') for m in messages)
+
+
+def test_resume_with_ema_from_a_checkpoint_without_ema_starts_the_ema_at_the_resumed_weights(
+        sdpgo_run, tmp_path, caplog):
+    """timm builds its EMA after the resume; ours exists before it and must not keep the random initialisation.
+    With decay 1 the EMA never moves, so it must still be epoch 0's weights at the end."""
+    assert 'state_dict_ema' not in load_checkpoint_file(str(sdpgo_run / 'checkpoint-0.pth.tar'))
+    assert run_train([*SDPGO, '--model-ema', '--model-ema-decay', '1.0', '--resume',
+                      str(sdpgo_run / 'checkpoint-0.pth.tar'), '--output', str(tmp_path), '--experiment', 'ema']) == 0
+    assert any('has no EMA weights: --model-ema starts from the resumed model' in r.getMessage()
+               for r in caplog.records)
+    ema = load_checkpoint_file(str(tmp_path / 'ema' / 'last.pth.tar'))['state_dict_ema']
+    resumed = load_checkpoint_file(str(sdpgo_run / 'checkpoint-0.pth.tar'))['state_dict']
+    last = load_checkpoint_file(str(tmp_path / 'ema' / 'last.pth.tar'))['state_dict']
+    weights = [k for k in resumed if k.endswith(('.weight', '.bias'))]  # parameters: the EMA copies buffers
+    assert weights and all(torch.equal(ema[k], resumed[k]) for k in weights)
+    assert not all(torch.equal(last[k], resumed[k]) for k in weights)  # while the model trained on
+
+
+def _signal_at_step(monkeypatch, step: int, signals: List[int]) -> None:
+    """Send `signals` to this process from inside the task's forward of training step `step` (counted from 1)."""
+    from sdpgo_timm.task import SDPGOTask
+    real_forward = SDPGOTask.forward
+    steps = []
+
+    @functools.wraps(real_forward)
+    def forward(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == step:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(SDPGOTask, 'forward', forward)
+
+
+def test_ctrl_c_saves_a_recovery_checkpoint_like_sigterm_and_a_second_one_stops_at_once(
+        sdpgo_run, tmp_path, monkeypatch, error_lines):
+    _signal_at_step(monkeypatch, 3, [signal.SIGINT])
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int']) == 4
+    assert re.search(r'preempted by SIGINT after step 3 of epoch 0', error_lines()[-1])
+    saved, = recovery_files(tmp_path / 'int')
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int', '--resume', 'auto']) == 0
+    assert_same_weights(tmp_path / 'int' / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+
+    _signal_at_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int2']) == 130
+    assert error_lines()[-1].startswith('error: interrupted twice (Ctrl-C): stopped at once')
+    assert not recovery_files(tmp_path / 'int2') and not temporaries(tmp_path)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_sigterm_during_start_up_exits_4_with_one_line(tmp_path, monkeypatch, error_lines):
+    import train
+    real_create = train.create_train_loader
+
+    def create(*args, **kwargs):  # the signal arrives while the loaders are being built
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_create(*args, **kwargs)
+    monkeypatch.setattr(train, 'create_train_loader', create)
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'early']) == 4
+    assert error_lines()[-1].startswith('preempted by SIGTERM during start-up, before the first step: nothing to save')
+    assert not list((tmp_path / 'early').glob('*.pth.tar'))
+
+
+def test_error_lines_print_once_as_error_colon():
+    from sdpgo_timm.runtime import _ScriptFormatter
+    fmt = _ScriptFormatter()
+    record = lambda level, msg: logging.LogRecord('train', level, __file__, 1, msg, None, None)  # noqa: E731
+    assert fmt.format(record(logging.ERROR, 'error: bad')) == 'error: bad'
+    assert fmt.format(record(logging.WARNING, 'careful')) == 'WARNING: careful'
+    assert fmt.format(record(logging.INFO, 'epoch 0')) == 'epoch 0'

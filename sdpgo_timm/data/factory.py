@@ -2,7 +2,7 @@
 timm's create_dataset (image folders checked for unreadable classes and counting skipped images)."""
 import argparse
 import os
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -11,7 +11,7 @@ from timm.data import ImageDataset, create_dataset
 from .benchmarks import IN_MEMORY, resolve_data_dir
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset
-from .images import CheckedImageDataset, check_readable_classes
+from .images import CheckedImageDataset, check_folder_links, check_readable_classes
 
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 _TRAIN_SPLITS = ('train', 'training')
@@ -73,6 +73,7 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
         raise ValueError(f"data folder {data_dir!r} is empty; it must hold class sub-folders (ImageFolder)")
     if not args.dataset:
         _check_folder_split(data_dir, split)
+        check_folder_links(data_dir)
     num_samples = getattr(args, 'train_num_samples' if is_training else 'val_num_samples', None)
     dataset = create_dataset(
         args.dataset, root=data_dir, split=split, is_training=is_training, class_map=args.class_map,
@@ -93,3 +94,34 @@ def dataset_num_classes(dataset: Dataset) -> Optional[int]:
     reader = getattr(dataset, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None)
     return len(class_to_idx) if class_to_idx else None
+
+
+def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
+    """The class names of a dataset in label order, if it declares them."""
+    if isinstance(getattr(dataset, 'classes', None), (list, tuple)):
+        return list(dataset.classes)
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    return [name for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])] if class_to_idx else None
+
+
+def check_same_classes(expected: Optional[Sequence[str]], dataset: Dataset, what: str, fix: str) -> None:
+    """A ValueError if `dataset` names other classes than `expected`: its labels would index other classes, and
+    every score would be silently wrong. Nothing is checked where either side does not name its classes."""
+    found = dataset_classes(dataset)
+    if expected is None or found is None or list(expected) == found:
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    detail = ', '.join(part for part in (f"lacks {missing}" if missing else '', f"adds {extra}" if extra else '')
+                       if part) or 'the same names in another order'
+    raise ValueError(f"{what} has other classes than the model was trained on ({detail}), so its labels would be "
+                     f"scored against the wrong classes; {fix}")
+
+
+def check_training_classes(train: Dataset, evaluation: Dataset) -> None:
+    """ValueErrors for training data of one class and for an evaluation split whose classes differ from training's."""
+    classes = dataset_classes(train)
+    if classes is not None and len(classes) < 2:
+        raise ValueError(f"the training data has {len(classes)} class ({', '.join(map(repr, classes))}); "
+                         "classification needs at least 2: put each class in its own sub-folder of the train split")
+    check_same_classes(classes, evaluation, 'the validation split',
+                       'make both splits hold the same class sub-folders (or pass --class-map)')

@@ -1,4 +1,5 @@
-"""Image folders that name the files they skip, count them per epoch, and refuse an unreadable class.
+"""Image folders that name the files they skip, count them per epoch, and refuse an unreadable class or a
+folder whose walk would not end.
 
 timm's ImageDataset replaces an image that fails to load with the next sample and logs its
 index. `CheckedImageDataset` does the same but logs the file and records the sample in
@@ -8,6 +9,7 @@ when a class has no readable image at all, which skipping would otherwise hide.
 """
 import logging
 import multiprocessing
+import os
 from collections import defaultdict
 from typing import Any, Dict
 
@@ -116,3 +118,27 @@ def check_readable_classes(dataset: CheckedImageDataset) -> None:
                 f"class {names.get(target, target)!r} has no readable image: all {len(indices)} of its files fail to "
                 f"load (first {first_error}); remove the class folder or replace its images")
 
+
+
+def check_folder_links(root: str) -> None:
+    """ValueError naming a linked folder that points back into the tree (timm's reader follows links: it would read
+    the same images again and again, under a new class name each time) or at a folder already read."""
+    seen = {os.path.realpath(root): root}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # timm's reader reports unreadable folders itself
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=True):
+                continue
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                ancestor = os.path.commonpath([real, os.path.realpath(folder)]) == real
+                kind = 'back to a folder above it (a loop)' if ancestor else 'to a folder that is read already'
+                raise ValueError(f"{entry.path!r} is a link {kind}: {seen[real]!r}; its images would be read more "
+                                 "than once, under other class names. Remove the link or copy the images")
+            seen[real] = entry.path
+            pending.append(entry.path)
