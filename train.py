@@ -44,6 +44,9 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     # from here on SIGTERM / SIGUSR1 / SIGINT stop the run at a step (or before the first) instead of killing it
     preemption = cleanup.enter_context(PreemptionSignal(args.distributed, device))
     primary = args.rank == 0
+    if primary and args.push_to_hub:
+        from sdpgo_timm.hub import check_push_target
+        check_push_target(args.push_to_hub)  # before training: a bad repo id or a missing token is found now
     random_seed(args.seed, args.rank)
 
     dataset_train = create_split_dataset(args, args.train_split, is_training=True)
@@ -123,7 +126,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
 
     if point.epoch >= num_epochs and primary:
-        _logger.info(f"Nothing left to train: resumed at epoch {point.epoch} of {num_epochs}; raise --epochs to train on")
+        _logger.info(
+            f"Nothing left to train: resumed at epoch {point.epoch} of {num_epochs}; raise --epochs to train on")
     collect = partial(gather_rank_states, task, mixup_fn, args)
     eval_model = task.get_eval_model()
     best = None
@@ -183,9 +187,13 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         best = (saver.best_metric, saver.best_epoch)
     result = dict(output_dir=output_dir, best_metric=best[0] if best else None, best_epoch=best[1] if best else None)
     if primary and args.push_to_hub and output_dir:
-        from sdpgo_timm.hub import push_checkpoint
+        from sdpgo_timm.hub import HubError, push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')
-        result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
+        try:
+            result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
+        except HubError as e:  # the run is complete and saved; only the upload is left to do
+            result['hub_error'] = (f"error: {e}. The run itself is complete in {output_dir!r}: push it later with "
+                                   f"python -m sdpgo_timm.hub push {best_path} {args.push_to_hub}")
     if primary:
         if best is None:
             _logger.info("*** No epoch was trained in this run")
@@ -195,13 +203,17 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a
-    write failed (disk full, permissions), 130 a second Ctrl-C (stopped at once)."""
+    """Exit status: 0 done, 1 trained but the Hub push failed (push again later), 2 bad input, 3 non-finite loss,
+    4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed (disk full, permissions), 130 a second
+    Ctrl-C (stopped at once)."""
     setup_script_logging()
     try:
         args, args_text = parse_args(argv)
         with ExitStack() as cleanup:
-            run(args, args_text, cleanup)
+            result = run(args, args_text, cleanup)
+        if result.get('hub_error'):
+            _logger.error(result['hub_error'])
+            return 1
     except (ConfigError, CheckpointError, ValueError) as e:
         _logger.error(f"error: {e}")
         return 2

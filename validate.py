@@ -25,7 +25,7 @@ import torch
 from timm.data import resolve_data_config
 
 from sdpgo_timm.args import ConfigError, parse_validate_args, resolve_eval_args
-from sdpgo_timm.checkpoint import load_checkpoint_file
+from sdpgo_timm.checkpoint import load_weights_file
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.engine import validate
 from sdpgo_timm.runtime import (
@@ -47,7 +47,7 @@ def checkpoint_paths(checkpoint: str) -> List[str]:
 
 def evaluate(args, path: str) -> Dict[str, Any]:
     """Evaluate one model, with the weights of the checkpoint at `path` if given; its result dict."""
-    checkpoint = load_checkpoint_file(path) if path else None
+    checkpoint = load_weights_file(path) if path else None
     args = resolve_eval_args(args, checkpoint.get('args') if checkpoint else None)
     device = torch.device(default_device(args.device))
     if args.num_gpu > 1 and (device.type != 'cuda' or args.num_gpu > torch.cuda.device_count()):

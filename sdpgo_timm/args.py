@@ -8,6 +8,7 @@ validate.py takes the data config and head options the command line leaves unset
 checkpoint's training args, else from the benchmark recipe (`resolve_eval_args`).
 """
 import argparse
+import math
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -332,8 +333,38 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
             f"'sdpgo_topk' (see --help)")
     cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
     for key, value in cfg.items():
-        _check_yaml_number(key, value, actions[key], path)
+        cfg[key] = _check_yaml_shape(key, value, actions[key], path)
+        _check_yaml_number(key, cfg[key], actions[key], path)
     return cfg
+
+
+def _check_yaml_shape(key: str, value: Any, action: argparse.Action, path: str) -> Any:
+    """The value in the shape the option takes (one value, a list, a list of N, true/false), else a ConfigError."""
+    if value is None or isinstance(value, dict):
+        return value
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} in config file {path!r} is not true or false")
+        return value
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if isinstance(value, list) and not many:
+        raise ConfigError(f"{key}: {value!r} in config file {path!r} is a list; the option takes one value")
+    if many and not isinstance(value, list):
+        value = [value]
+    if isinstance(action.nargs, int) and len(value) != action.nargs:
+        raise ConfigError(f"{key}: {value!r} in config file {path!r} needs {action.nargs} values")
+    return value
+
+
+def _check_finite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A ConfigError naming the first number option that is nan or infinite (it would fail only after an epoch)."""
+    for action in parser._actions:
+        if action.type is not float:
+            continue
+        value = getattr(args, action.dest, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (int, float)) and not math.isfinite(item):
+                raise ConfigError(f"{action.option_strings[-1]} must be a finite number, got {item}")
 
 
 def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str) -> None:
@@ -382,7 +413,11 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
         defaults.update(load_yaml_defaults(first.config, parser))
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    _check_finite(args, parser)
     _check_minima(args, _TRAIN_MINIMA)
+    if first.img_size is not None and first.input_size is None and args.input_size is not None:
+        # --img-size on the command line beats an input_size from the recipe or config file, keeping its channels
+        args.input_size = [args.input_size[0], args.img_size, args.img_size]
     if not 0. < args.train_fraction <= 1.:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume == 'auto' and not args.experiment:
@@ -399,7 +434,9 @@ RESULTS_FORMATS = ('.csv', '.json')
 
 def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse validate.py's command line; a results file other than .csv/.json is a ConfigError."""
-    args = create_validate_parser().parse_args(argv)
+    parser = create_validate_parser()
+    args = parser.parse_args(argv)
+    _check_finite(args, parser)
     _check_minima(args, _VALIDATE_MINIMA)
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in RESULTS_FORMATS:
         raise ConfigError(f"--results-file {args.results_file!r} must end in {' or '.join(RESULTS_FORMATS)}")

@@ -147,19 +147,51 @@ def truncate_summary(path: str, start_epoch: int) -> None:
     _logger.info(f"Removed {len(rows) - len(kept)} summary row(s) of epochs >= {start_epoch}: they are trained again")
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a timm training checkpoint as data only (weights_only=True); clear errors otherwise."""
-    fix = 'Pass the .pth.tar written by training (e.g. model_best.pth.tar).'
+def _load_data(path: str, fix: str) -> Any:
+    """torch.load(weights_only=True) of an existing file, with one-line CheckpointErrors."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a file. {fix}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist. {fix}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise CheckpointError(_load_error(path, e, fix)) from None
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """Load a timm training checkpoint as data only (weights_only=True); clear errors otherwise."""
+    fix = 'Pass the .pth.tar written by training (e.g. model_best.pth.tar).'
+    checkpoint = _load_data(path, fix)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
         raise CheckpointError(f"{str(path)!r} is not a timm training checkpoint: it has no 'state_dict'. {fix}")
     return checkpoint
+
+
+def load_weights_file(path: str) -> Dict[str, Any]:
+    """Model weights as a checkpoint dict (`state_dict` and whatever else the file holds), from any file timm's
+    `load_checkpoint` reads: a training checkpoint, a bare state dict (`torch.save(model.state_dict())`), a
+    {'model': ...} file, or .safetensors. Data only; one-line CheckpointErrors otherwise."""
+    fix = 'Pass a training checkpoint, a saved state dict or a .safetensors file of the model\'s weights.'
+    if str(path).endswith('.safetensors'):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"weights file {str(path)!r} does not exist. {fix}")
+        from safetensors.torch import load_file
+        try:
+            return {'state_dict': load_file(path)}
+        except Exception as e:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable .safetensors file ({_first_line(e)}). {fix}") from None
+    data = _load_data(path, fix)
+    if isinstance(data, dict) and isinstance(data.get('state_dict'), dict):
+        return data
+    if isinstance(data, dict) and isinstance(data.get('model'), dict):
+        return {**data, 'state_dict': data['model']}
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return {'state_dict': data}
+    raise CheckpointError(
+        f"{str(path)!r} holds no model weights (no 'state_dict', no 'model', not a state dict). {fix}")
 
 
 def _load_error(path: str, error: Exception, fix: str = '') -> str:

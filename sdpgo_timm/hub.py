@@ -107,19 +107,45 @@ def push_checkpoint(
         if manifest is not None:
             entry = _manifest_entry(config, tag, repo_id, metrics, args)
             _check_new_tag(Path(manifest), entry)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision not in (None, hf_constants.DEFAULT_REVISION):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.create_commit(
-            repo_id,
-            operations=[CommitOperationAdd(p.name, str(p)) for p in sorted(folder.iterdir())],
-            commit_message=commit_message,
-            revision=revision,
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision not in (None, hf_constants.DEFAULT_REVISION):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.create_commit(
+                repo_id,
+                operations=[CommitOperationAdd(p.name, str(p)) for p in sorted(folder.iterdir())],
+                commit_message=commit_message,
+                revision=revision,
+            )
+        except HfHubHTTPError as e:
+            raise HubError(f"the Hub refused the push: {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            if not _is_network_error(e):
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise HubError(f"cannot reach the Hub at {hf_constants.ENDPOINT} ({reason}); check the network or "
+                           "HF_ENDPOINT, then push again") from None
     if entry is not None:
         entry['hf_hub_id'] = f'{repo_id}@{commit.oid}'  # pinned: later pushes do not change what the tag loads
         _append_manifest_entry(Path(manifest), entry)
     return commit.commit_url
+
+
+def check_push_target(repo_id: str) -> None:
+    """ValueErrors for a push that cannot happen (bad repo id, offline, no token), checked before training."""
+    check_repo_id(repo_id)
+    _hub_token(None)
+
+
+class HubError(RuntimeError):
+    """The Hub refused the push or could not be reached; nothing local was changed."""
+
+
+def _is_network_error(error: Exception) -> bool:
+    """Whether an exception is a failed connection (OSError, or the HTTP client's transport/timeout errors)."""
+    names = {c.__name__ for c in type(error).__mro__}
+    return isinstance(error, OSError) or bool(names & {'TransportError', 'ConnectionError', 'Timeout',
+                                                        'TimeoutException'})
 
 
 def _hub_token(token: Optional[str]) -> str:
@@ -202,6 +228,9 @@ def _num_classes(arch: str, state_dict: Dict[str, Any], args: Dict[str, Any], pa
 
 
 def _read_args_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f'args file {str(path)!r} does not exist: pass the run\'s args.yaml, or leave --args-yaml '
+                         'out (the one beside the checkpoint is used when there is one).')
     try:
         args = yaml.safe_load(path.read_text(encoding='utf-8'))
     except yaml.YAMLError as e:
@@ -213,6 +242,9 @@ def _read_args_yaml(path: Path) -> Dict[str, Any]:
 
 def _read_summary(path: Path) -> Dict[str, Any]:
     """Best eval top-1 (and the top-5 of that epoch) and the epoch count of a timm summary.csv."""
+    if not path.is_file():
+        raise ValueError(f'summary file {str(path)!r} does not exist: pass the run\'s summary.csv, or leave '
+                         '--summary-csv out (the one beside the checkpoint is used when there is one).')
     with path.open(newline='', encoding='utf-8') as f:
         rows = [r for r in csv.DictReader(f) if r.get('eval_top1')]
     if not rows:
@@ -387,8 +419,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
         return 2
-    except HfHubHTTPError as e:
-        print(f'error: the Hub refused the push: {str(e).splitlines()[0]}', file=sys.stderr)
+    except HubError as e:
+        print(f'error: {e}', file=sys.stderr)
         return 1
     print(url)
     return 0

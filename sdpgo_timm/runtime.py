@@ -30,7 +30,7 @@ from timm.utils import init_distributed_device
 from .args import ConfigError
 from .checkpoint import (
     CLASSES, POSITION, SUMMARY_ROW, CheckpointError, WriteError, atomic_write_text, find_resume_checkpoint,
-    load_checkpoint_file, resume_position)
+    load_checkpoint_file, load_weights_file, resume_position)
 from .data.factory import check_same_classes, dataset_num_classes
 from .pretrained import ensure_cached
 from .rundir import RunFolderLock, check_run_folder
@@ -129,7 +129,7 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     if getattr(args, 'head_init_bias', None) is not None:
         torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
     if getattr(args, 'initial_checkpoint', ''):
-        checkpoint = load_checkpoint_file(args.initial_checkpoint)
+        checkpoint = load_weights_file(args.initial_checkpoint)
         try:
             model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
         except RuntimeError as e:
@@ -299,6 +299,24 @@ def gather_rank_states(
     return extra
 
 
+def _training_shape_change(saved: Any, args: argparse.Namespace) -> str:
+    """What differs between the checkpoint's run and this one in what its self-distillation state depends on: the
+    method, the batch per process, the number of processes ('' when nothing does, or the checkpoint does not say)."""
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    if not saved:
+        return ''
+    method = lambda a: 'sdpgo' if a.get('sdpgo') else a.get('skd')  # noqa: E731
+    changes = []
+    before, now = method(saved) or 'cross-entropy', method(vars(args)) or 'cross-entropy'
+    if before != now:
+        changes.append(f"another method ({before}, now {now})")
+    for key, flag in (('batch_size', '--batch-size'), ('world_size', 'processes')):
+        if saved.get(key) is not None and saved.get(key) != getattr(args, key, None):
+            changes.append(f"{saved[key]} {flag} (now {getattr(args, key, None)})" if flag == 'processes' else
+                           f"{flag} {saved[key]} (now {getattr(args, key, None)})")
+    return ', '.join(changes)
+
+
 def _this_rank(checkpoint: Dict[str, Any], key: str, args: argparse.Namespace, path: str):
     """This rank's entry of a per-rank list of the checkpoint (None when absent)."""
     states = checkpoint.get(key)
@@ -343,9 +361,18 @@ def resume_training(
     """Load model, EMA, optimizer, scaler, this rank's task state and Mixup record; return where to continue."""
     checkpoint = load_checkpoint_file(path)
     check_checkpoint_arch(checkpoint, path, args.model)
+    change = _training_shape_change(checkpoint.get('args'), args)
+    if change and POSITION in checkpoint:
+        raise CheckpointError(f"{path!r} is a recovery checkpoint of a run with {change}: its place in the epoch "
+                              "does not carry over; resume from an epoch checkpoint (last.pth.tar) instead")
     task_state = checkpoint.get('task_state')
-    if _RANK_STATES in checkpoint:
+    if _RANK_STATES in checkpoint and not change:
         task_state = _this_rank(checkpoint, _RANK_STATES, args, path)
+    if change and task_state:
+        _logger.warning(f"{path!r} was trained with {change}: its self-distillation state (replay cache, PS-KD "
+                        "table, PWA statistics) does not fit this run and is dropped; the model, optimizer and "
+                        "schedule resume as saved, and the first step trains without a teacher")
+        task_state = None
     try:
         task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), task_state)
     except RuntimeError as e:
@@ -360,8 +387,8 @@ def resume_training(
         optimizer.load_state_dict(checkpoint['optimizer'])
     if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
         loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-    mixup = _this_rank(checkpoint, _MIXUP_RANKS, args, path) if _MIXUP_RANKS in checkpoint else checkpoint.get(
-        _MIXUP_STATE)
+    mixup = None if change else _this_rank(checkpoint, _MIXUP_RANKS, args, path) if _MIXUP_RANKS in checkpoint else (
+        checkpoint.get(_MIXUP_STATE))
     if mixup_fn is not None and mixup is not None and hasattr(mixup_fn, 'load_state_dict'):
         mixup_fn.load_state_dict(mixup)
     epoch, step = resume_position(checkpoint)

@@ -53,7 +53,8 @@ def fake_env(fake_dir, monkeypatch) -> Path:
 
 def test_splits_partition_the_files_stratified(fake_dir):
     train, val = FashionMNISTDataset('train', root=str(fake_dir)), FashionMNISTDataset('validation', root=str(fake_dir))
-    trainval, test = FashionMNISTDataset('trainval', root=str(fake_dir)), FashionMNISTDataset('test', root=str(fake_dir))
+    trainval = FashionMNISTDataset('trainval', root=str(fake_dir))
+    test = FashionMNISTDataset('test', root=str(fake_dir))
     assert (len(train), len(val), len(trainval), len(test)) == (55000, 5000, 60000, 10000)
     np.testing.assert_array_equal(np.bincount(val.targets), [500] * 10)
     # train and validation are disjoint and together are the training file, in its order

@@ -374,3 +374,37 @@ def test_train_push_to_hub_round_trip(fake_hub, tmp_path):
     top1 = json.loads(results.read_text())[0]['top1']
     last = list(csv.DictReader(open(tmp_path / 'pushed' / 'summary.csv')))[-1]
     assert top1 == pytest.approx(float(last['eval_top1']), abs=1e-3)  # validate.py rounds to 3 decimals
+
+
+def test_unreachable_hub_and_missing_card_files_are_one_line(fake_hub, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+    path, _ = save_checkpoint(tmp_path / 'run')
+    assert hub.main(['push', str(path), 'sdpgo/x', '--summary-csv', str(tmp_path / 'nope.csv')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "summary file '" in err and 'nope.csv' in err and 'does not exist' in err
+    assert hub.main(['push', str(path), 'sdpgo/x', '--args-yaml', str(tmp_path / 'nope.yaml')]) == 2
+    assert "args file '" in capsys.readouterr().err
+    assert fake_hub.requests == []
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there
+    close_session()
+    assert hub.main(['push', str(path), 'sdpgo/x']) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: cannot reach the Hub at http://127.0.0.1:9 (')
+
+
+def test_train_checks_the_push_before_training_and_keeps_the_run_when_the_hub_is_down(
+        fake_hub, tmp_path, monkeypatch, caplog):  # noqa: F811
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+    from conftest import FAST, run_train
+    assert run_train(['digits', '--epochs', '1', *FAST, '--output', str(tmp_path), '--experiment', 'bad',
+                      '--push-to-hub', 'no-namespace']) == 2
+    assert not (tmp_path / 'bad').exists()
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    close_session()
+    assert run_train(['digits', '--epochs', '1', *FAST, '--output', str(tmp_path), '--experiment', 'down',
+                      '--push-to-hub', 'sdpgo/down']) == 1
+    error = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR'][-1]
+    assert error.startswith('error: cannot reach the Hub') and 'push it later with python -m sdpgo_timm.hub push' in error
+    assert (tmp_path / 'down' / 'model_best.pth.tar').is_file() and (tmp_path / 'down' / 'summary.csv').is_file()

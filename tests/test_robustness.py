@@ -7,6 +7,7 @@ weights, bit for bit (one CPU thread, `--workers 0`).
 import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -415,7 +416,20 @@ CASES = {
         'train', lambda i: train_argv(i, 'digits', '--num-classes', '12', '--initial-checkpoint',
                                       str(i.previous / 'last.pth.tar'), experiment='new'),
         "does not fit --model 'test_resnet' with 12 classes"),
+    'train: non-finite option': Case('train', lambda i: train_argv(i, 'digits', '--lr', 'nan', experiment='new'),
+                                     '--lr must be a finite number, got nan'),
+    'train: a list for a one-value option in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'lr_list.yaml'), experiment='new'),
+        "lr: [0.1, 0.2] in config file"),
+    'train: a word for a switch in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'amp_word.yaml'), experiment='new'),
+        "amp: 'sure' in config file"),
+    'train: two values for a three-value option in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'size_two.yaml'), experiment='new'),
+        "input_size: [32, 32] in config file"),
     # validate.py
+    'validate: non-finite option': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-pct', 'inf'],
+                                        '--crop-pct must be a finite number, got inf'),
     'validate: classes differ from the checkpoint\'s': Case(
         'validate', lambda i: [str(i.data), '--checkpoint', str(i.previous / 'last.pth.tar')],
         "the 'validation' split has other classes than the model was trained on (lacks ['0', "),
@@ -452,6 +466,9 @@ def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
     (tmp_path / 'unknown.yaml').write_text('epoch: 3\n')
     (tmp_path / 'words.yaml').write_text('lr: fast\n')
     (tmp_path / 'list.yaml').write_text('- model\n')
+    (tmp_path / 'lr_list.yaml').write_text('lr: [0.1, 0.2]\n')
+    (tmp_path / 'amp_word.yaml').write_text("amp: 'sure'\n")
+    (tmp_path / 'size_two.yaml').write_text('input_size: [32, 32]\n')
     (tmp_path / 'a_file').write_text('')
     shutil.copy(sdpgo_run / 'checkpoint-0.pth.tar', tmp_path / 'elsewhere.pth.tar')
     corrupt = [f'train/fox/fox_{i}.png' for i in range(8)]
@@ -621,3 +638,46 @@ def test_error_lines_print_once_as_error_colon():
     assert fmt.format(record(logging.ERROR, 'error: bad')) == 'error: bad'
     assert fmt.format(record(logging.WARNING, 'careful')) == 'WARNING: careful'
     assert fmt.format(record(logging.INFO, 'epoch 0')) == 'epoch 0'
+
+
+def test_a_recovery_checkpoint_needs_the_same_batch_and_an_epoch_checkpoint_drops_what_does_not_fit(
+        recovery_run, sdpgo_run, tmp_path, caplog, error_lines):
+    assert run_train([*SDPGO, '-b', '32', '--resume', str(recovery_run / 'recovery-1-26.pth.tar'), '--output',
+                      str(tmp_path), '--experiment', 'b32']) == 2
+    assert 'is a recovery checkpoint of a run with --batch-size 64 (now 32)' in error_lines()[-1]
+    for changed, expected in ((['-b', '32'], '--batch-size 64 (now 32)'),
+                              (['--skd', 'pskd'], 'another method (sdpgo, now pskd)')):
+        argv = [a for a in SDPGO if a != '--sdpgo'] if '--skd' in changed else SDPGO
+        assert run_train([*argv, *changed, '--resume', str(sdpgo_run / 'checkpoint-0.pth.tar'), '--output',
+                          str(tmp_path), '--experiment', changed[-1]]) == 0
+        assert any(f'was trained with {expected}: its self-distillation state' in r.getMessage()
+                   for r in caplog.records)
+        assert [r['epoch'] for r in summary(tmp_path / changed[-1])] == ['1']
+
+
+def test_img_size_on_the_command_line_beats_the_recipes_input_size():
+    from sdpgo_timm.args import parse_args
+    args, text = parse_args(['fashion-mnist', '--img-size', '32'])
+    assert args.input_size == [3, 32, 32] and 'input_size:\n- 3\n- 32\n- 32' in text
+    explicit, _ = parse_args(['fashion-mnist', '--input-size', '3', '20', '20', '--img-size', '32'])
+    assert explicit.input_size == [3, 20, 20]
+
+
+def test_weights_files_timm_reads_work_for_initial_checkpoint_and_validate(sdpgo_run, tmp_path, capsys):
+    """.safetensors, a bare state dict and a {'model': ...} file, as timm's load_checkpoint takes them."""
+    from safetensors.torch import save_file
+    weights = load_checkpoint_file(str(sdpgo_run / 'last.pth.tar'))['state_dict']
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / 'w.safetensors'))
+    torch.save(weights, tmp_path / 'bare.pth')
+    torch.save({'model': weights}, tmp_path / 'model.pth')
+    expected = float(summary(sdpgo_run)[-1]['eval_top1'])
+    for name in ('w.safetensors', 'bare.pth', 'model.pth'):
+        capsys.readouterr()
+        assert run_validate(['digits', '--model', 'test_resnet', '--checkpoint', str(tmp_path / name),
+                             '--input-size', '3', '16', '16', '--workers', '0']) == 0
+        result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+        assert result['top1'] == pytest.approx(expected, abs=1e-4), name
+    assert run_train(['digits', *FAST, '--epochs', '1', '--lr', '0', '--warmup-lr', '0', '--initial-checkpoint',
+                      str(tmp_path / 'w.safetensors'), '--output', str(tmp_path), '--experiment', 'init']) == 0
+    trained = load_checkpoint_file(str(tmp_path / 'init' / 'last.pth.tar'))['state_dict']
+    assert all(torch.equal(trained[k], weights[k]) for k in weights if k.endswith('.weight'))  # lr 0: as loaded

@@ -43,7 +43,8 @@ def _in_memory_split(benchmark: str, split: str) -> str:
 
 
 def _create_in_memory(args: argparse.Namespace, split: str, is_training: bool) -> Dataset:
-    """A split of digits or fashion-mnist with the training-only options (read with defaults: validate.py lacks them)."""
+    """A split of digits or fashion-mnist, with the training-only options read with defaults (validate.py lacks
+    them)."""
     options = dict(pad_crop=getattr(args, 'pad_crop', 0), fraction=getattr(args, 'train_fraction', 1.0),
                    fraction_seed=0, label_noise=getattr(args, 'label_noise', 0.0),
                    noise_mode=getattr(args, 'label_noise_mode', 'sym'), noise_seed=getattr(args, 'seed', 42))
