@@ -342,6 +342,10 @@ def train_argv(inputs: Inputs, *argv: str, experiment: str = 'previous') -> List
 CASES = {
     # train.py
     'train: empty data folder': Case('train', lambda i: train_argv(i, str(i.empty)), 'is empty'),
+    'train: a file as the data folder': Case('train', lambda i: train_argv(i, str(i.not_a_file)),
+                                             'is a file, not a folder'),
+    'train: a folder as --resume': Case('train', lambda i: train_argv(i, 'digits', '--resume', str(i.previous)),
+                                        'is a folder, not a file'),
     'train: class with only corrupt images': Case(
         'train', lambda i: train_argv(i, str(i.corrupt_class)),
         "class 'fox' has no readable image: all 8 of its files fail to load"),

@@ -52,6 +52,8 @@ def resolve_data_dir(data: Optional[str], data_dir: Optional[str]) -> Optional[s
         if not os.path.exists(path) and os.sep not in path and not path.startswith('.'):
             raise ValueError(
                 f"{path!r} is neither a folder nor a known benchmark; known benchmarks: {', '.join(BENCHMARKS)}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"data folder {path!r} is a file, not a folder; pass the folder that holds the splits")
     if not os.path.isdir(path):
         raise ValueError(f"data folder {path!r} does not exist; check --data-dir (or the benchmark's variable)")
     return path
