@@ -84,7 +84,8 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('--pretrained-path', default=None, type=str,
                            help='load these pretrained weights instead of the hub default (a file), head adapted')
         group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
-                           help='load this checkpoint into the model after initialisation')
+                           help='load these weights into the model after initialisation (a training checkpoint, a '
+                                'saved state dict or .safetensors)')
         group.add_argument('--resume', default='', type=str, metavar='PATH',
                            help='resume model, optimizer and SDPGO state from checkpoint; "auto": the newest '
                                 'checkpoint of --output/--experiment that loads (none: start from the beginning)')
@@ -92,7 +93,8 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
                            help='prevent resume of optimizer state when resuming model')
     else:
         group.add_argument('--checkpoint', default='', type=str, metavar='PATH',
-                           help='training checkpoint to evaluate, or a folder: every *.pth.tar in it')
+                           help='training checkpoint (or weights: a saved state dict, .safetensors) to evaluate, or '
+                                'a folder: every *.pth.tar in it')
         group.add_argument('--use-ema', action='store_true', default=False,
                            help="evaluate the checkpoint's EMA weights (state_dict_ema)")
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes')
