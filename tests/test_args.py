@@ -124,7 +124,7 @@ def test_benchmark_names(tmp_path, monkeypatch):
 
 
 def test_unknown_benchmark_lists_known_names():
-    with pytest.raises(ValueError, match='known benchmarks: digits, imagenet'):
+    with pytest.raises(ValueError, match='known benchmarks: digits, fashion-mnist, imagenet'):
         resolve_data_dir('cifar1000', None)
 
 
