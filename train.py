@@ -20,20 +20,20 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
-from sdpgo_timm.args import ConfigError, parse_args
-from sdpgo_timm.checkpoint import (
+from sdpgo_timm.runner.args import ConfigError, parse_args
+from sdpgo_timm.runner.checkpoint import (
     SUMMARY_ROW, CheckpointError, TrainCheckpointSaver, WriteError, append_summary, restore_summary_row,
     truncate_summary)
 from sdpgo_timm.data.factory import check_training_classes, create_split_dataset, dataset_classes
-from sdpgo_timm.engine import NonFiniteLossError, train_one_epoch, validate
-from sdpgo_timm.preemption import PREEMPTED_EXIT, Preempted, PreemptionSignal
+from sdpgo_timm.runner.engine import NonFiniteLossError, train_one_epoch, validate
+from sdpgo_timm.runner.preemption import PREEMPTED_EXIT, Preempted, PreemptionSignal
 
 INTERRUPTED_EXIT = 130  # a second SIGINT, as shells report a process ended by SIGINT (128 + 2)
-from sdpgo_timm.recovery import RecoveryCheckpoints, restore_recovery
-from sdpgo_timm.runtime import (
+from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
+from sdpgo_timm.runner.setup import (
     ResumePoint, check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, resolve_resume, resume_training, setup_script_logging)
-from sdpgo_timm.training import create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method
+from sdpgo_timm.runner.builders import create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method
 
 _logger = logging.getLogger('train')
 

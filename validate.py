@@ -24,11 +24,11 @@ from typing import Any, Dict, List
 import torch
 from timm.data import resolve_data_config
 
-from sdpgo_timm.args import ConfigError, parse_validate_args, resolve_eval_args
-from sdpgo_timm.checkpoint import load_weights_file
+from sdpgo_timm.runner.args import ConfigError, parse_validate_args, resolve_eval_args
+from sdpgo_timm.runner.checkpoint import load_weights_file
 from sdpgo_timm.data.factory import create_split_dataset
-from sdpgo_timm.engine import validate
-from sdpgo_timm.runtime import (
+from sdpgo_timm.runner.engine import validate
+from sdpgo_timm.runner.setup import (
     create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, setup_script_logging,
     write_results)
 

@@ -21,7 +21,7 @@ from timm.task import ClassificationTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdpgo_timm.data import DigitsDataset  # noqa: E402
-from sdpgo_timm.engine import train_one_epoch  # noqa: E402
+from sdpgo_timm.runner.engine import train_one_epoch  # noqa: E402
 
 
 def minimal_epoch(model, loader, optimizer, criterion) -> float:

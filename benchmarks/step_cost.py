@@ -38,8 +38,8 @@ from timm.models import is_model_in_modules
 from timm.task import ClassificationTask, TrainingTask
 from torch.utils.data import BatchSampler, RandomSampler
 
-from sdpgo_timm.baselines import create_skd_task
-from sdpgo_timm.replay import ReplayBatchSampler
+from sdpgo_timm.skd import create_skd_task
+from sdpgo_timm.data.replay import ReplayBatchSampler
 
 METHODS = {
     'ce': 'CE',

@@ -5,8 +5,8 @@ import timm
 import torch.nn as nn
 from timm.task import ClassificationTask, TrainingTask
 
-from .baselines import create_skd_task
-from .pretrained import ensure_cached
+from .skd import create_skd_task
+from .hub.pretrained import ensure_cached
 
 _PREFIX = 'sdpgo_'
 

@@ -97,7 +97,7 @@ def summary(run: Path) -> List[Dict[str, str]]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    from sdpgo_timm.checkpoint import load_checkpoint_file
+    from sdpgo_timm.runner.checkpoint import load_checkpoint_file
     sa, sb = load_checkpoint_file(str(a))['state_dict'], load_checkpoint_file(str(b))['state_dict']
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]

@@ -4,8 +4,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from sdpgo_timm.baselines import DLB_PRESET, create_skd_task
-from sdpgo_timm.dlb import DLBTwoForwardTask
+from sdpgo_timm.skd import DLB_PRESET, create_skd_task
+from sdpgo_timm.skd.dlb import DLBTwoForwardTask
 from sdpgo_timm.sil import per_sample_kl
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdpgo_timm.args import ConfigError, parse_args
+from sdpgo_timm.runner.args import ConfigError, parse_args
 from sdpgo_timm.data import fashion_mnist
 from sdpgo_timm.data.fashion_mnist import CLASSES, FILES, FLIP_MAP, FashionMNISTDataset
 from conftest import run_train, run_validate, summary

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from sdpgo_timm.args import create_parser, load_yaml_defaults
+from sdpgo_timm.runner.args import create_parser, load_yaml_defaults
 from sdpgo_timm.data.benchmarks import BENCHMARKS, HPARAMS_DIR
 
 RECIPES = sorted(HPARAMS_DIR.glob('*/*.yaml'))
@@ -28,3 +28,23 @@ def test_recipe_is_valid(path: Path):
         assert defaults['model'] == path.stem and timm.is_model(defaults['model'])
     if 'batch_size' in defaults and (defaults.get('mixup') or defaults.get('cutmix')):
         assert defaults['batch_size'] % 4 == 0  # even fresh half for Mixup in every replay mode
+
+
+def test_recipes_ship_in_the_wheel_and_an_installed_copy_finds_them(tmp_path):
+    """A non-editable install (the wheel pip builds) carries hparams/ and recipe_path finds it there."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--quiet', '-w',
+                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+    wheel, = tmp_path.glob('sdpgo_timm-*.whl')
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f'sdpgo_timm/hparams/{p.relative_to(HPARAMS_DIR).as_posix()}' for p in RECIPES} <= set(names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / 'site')
+    code = 'from sdpgo_timm.data.benchmarks import recipe_path; print(recipe_path("imagenet", "resnet50"))'
+    env = {k: v for k, v in os.environ.items() if k != 'SDPGO_HPARAMS_DIR'}
+    found = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                           env={**env, 'PYTHONPATH': str(tmp_path / 'site')}, timeout=300).stdout.strip()
+    assert found == str(tmp_path / 'site' / 'sdpgo_timm' / 'hparams' / 'imagenet' / 'resnet50.yaml')

@@ -14,7 +14,8 @@ import yaml
 
 import timm
 from timm.models import _registry
-from sdpgo_timm import hub, pretrained
+from sdpgo_timm import hub
+from sdpgo_timm.hub import pretrained
 from fakehub import FAKE_TOKEN, fake_hub, set_offline, use_cache, use_hub  # noqa: F401 (fixture)
 
 ARCH = 'test_resnet'
@@ -357,7 +358,7 @@ def test_python_m_entry_point_reports_one_line_and_exit_2(tmp_path):
 def test_train_push_to_hub_round_trip(fake_hub, tmp_path):
     """train.py --push-to-hub: 1 digits epoch, pushed at the end, loads through plain timm."""
     from conftest import FAST, run_train, run_validate
-    from sdpgo_timm.checkpoint import load_checkpoint_file
+    from sdpgo_timm.runner.checkpoint import load_checkpoint_file
     repo = 'sdpgo/test-resnet-digits'
     assert run_train(['digits', '--sdpgo', '--epochs', '1', *FAST, '--output', str(tmp_path),
                       '--experiment', 'pushed', '--push-to-hub', repo]) == 0

@@ -12,11 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdpgo_timm.baselines import create_skd_task
+from sdpgo_timm.skd import create_skd_task
 from sdpgo_timm.data import DigitsDataset
-from sdpgo_timm.pskd import PSKDTask, _last_write_wins
-from sdpgo_timm.replay import create_indexed_loader
-from sdpgo_timm.runtime import gather_rank_states
+from sdpgo_timm.skd.pskd import PSKDTask, _last_write_wins
+from sdpgo_timm.data.replay import create_indexed_loader
+from sdpgo_timm.runner.setup import gather_rank_states
 from sdpgo_timm.sil import per_sample_kl
 
 NUM_CLASSES = 5

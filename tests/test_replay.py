@@ -8,7 +8,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch.utils.data import Dataset
 
-from sdpgo_timm.replay import ReplayBatchSampler, ReplayMixup, create_replay_loader
+from sdpgo_timm.data.replay import ReplayBatchSampler, ReplayMixup, create_replay_loader
 
 
 def _fresh(batch, sampler):

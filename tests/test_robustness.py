@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from sdpgo_timm import hub
-from sdpgo_timm.checkpoint import (
+from sdpgo_timm.runner.checkpoint import (
     WriteError, append_summary, atomic_save, find_resume_checkpoint, load_checkpoint_file, resume_position)
-from sdpgo_timm.preemption import PreemptionSignal
-from sdpgo_timm.replay import ReplayBatchSampler
+from sdpgo_timm.runner.preemption import PreemptionSignal
+from sdpgo_timm.data.replay import ReplayBatchSampler
 from fakehub import fake_hub  # noqa: F401 (fixture)
 from conftest import FAST, TrainProcess, assert_same_weights, run_train, run_validate, summary
 
@@ -233,7 +233,7 @@ def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monke
         with open(filename, 'a') as f:
             f.write('1,0.5')
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr('sdpgo_timm.checkpoint.update_summary', half_row)
+    monkeypatch.setattr('sdpgo_timm.runner.checkpoint.update_summary', half_row)
     with pytest.raises(WriteError, match='summary.csv'):
         append_summary(1, {'loss': 0.5}, {'top1': 60.0}, str(csv_path), lr=0.1)
     assert hashes(tmp_path) == before
@@ -538,7 +538,7 @@ def test_bad_input(case, inputs, error_lines, capsys, monkeypatch, fake_hub):  #
 
 
 def test_a_folder_in_use_is_refused_and_a_finished_run_removes_its_lock(tmp_path, error_lines):
-    from sdpgo_timm.rundir import LOCK_FILE, RunFolderLock
+    from sdpgo_timm.runner.rundir import LOCK_FILE, RunFolderLock
     busy = tmp_path / 'busy'
     busy.mkdir()
     with RunFolderLock(str(busy)):  # another run writing there (flock conflicts across open files, even in-process)
@@ -636,7 +636,7 @@ def test_sigterm_during_start_up_exits_4_with_one_line(tmp_path, monkeypatch, er
 
 
 def test_error_lines_print_once_as_error_colon():
-    from sdpgo_timm.runtime import _ScriptFormatter
+    from sdpgo_timm.runner.setup import _ScriptFormatter
     fmt = _ScriptFormatter()
     record = lambda level, msg: logging.LogRecord('train', level, __file__, 1, msg, None, None)  # noqa: E731
     assert fmt.format(record(logging.ERROR, 'error: bad')) == 'error: bad'
@@ -660,7 +660,7 @@ def test_a_recovery_checkpoint_needs_the_same_batch_and_an_epoch_checkpoint_drop
 
 
 def test_img_size_on_the_command_line_beats_the_recipes_input_size():
-    from sdpgo_timm.args import parse_args
+    from sdpgo_timm.runner.args import parse_args
     args, text = parse_args(['fashion-mnist', '--img-size', '32'])
     assert args.input_size == [3, 32, 32] and 'input_size:\n- 3\n- 32\n- 32' in text
     explicit, _ = parse_args(['fashion-mnist', '--input-size', '3', '20', '20', '--img-size', '32'])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional, Set, Tuple
 
-from sdpgo_timm.checkpoint import find_resume_checkpoint, load_checkpoint_file, resume_position
+from sdpgo_timm.runner.checkpoint import find_resume_checkpoint, load_checkpoint_file, resume_position
 from conftest import FAST, TrainProcess, assert_same_weights, run_train, summary
 
 LONG = os.environ.get('SDPGO_SOAK_LONG') == '1'

@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 import timm
-from sdpgo_timm.checkpoint import load_checkpoint_file
+from sdpgo_timm.runner.checkpoint import load_checkpoint_file
 from sdpgo_timm.data import DigitsDataset
-from sdpgo_timm.replay import ReplayBatchSampler
-from sdpgo_timm.training import resolve_data_path
+from sdpgo_timm.data.replay import ReplayBatchSampler
+from sdpgo_timm.runner.builders import resolve_data_path
 from conftest import FAST, ROOT, assert_same_weights, run_train, run_validate, summary
 
 TIMM_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')

@@ -19,7 +19,9 @@ BENCHMARKS: Dict[str, Optional[str]] = {
 }
 IN_MEMORY = tuple(name for name, env in BENCHMARKS.items() if env is None)
 
-HPARAMS_DIR = Path(os.environ.get('SDPGO_HPARAMS_DIR', Path(__file__).resolve().parents[2] / 'hparams'))
+# the recipes ship inside the package (sdpgo_timm/hparams, also reachable as hparams/ at the checkout's top), so
+# that an installed copy finds them as well as a checkout does
+HPARAMS_DIR = Path(os.environ.get('SDPGO_HPARAMS_DIR', Path(__file__).resolve().parents[1] / 'hparams'))
 
 
 def recipe_path(benchmark: str, model: str) -> Optional[Path]:

@@ -17,10 +17,10 @@ from timm.data import Mixup, create_loader
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask, TrainingTask
 
-from .baselines import create_skd_task
+from ..skd import create_skd_task
 from .recovery import ResumableLoader
-from .replay import ReplayMixup, create_indexed_loader, create_replay_loader
-from .task import half_batch_size
+from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
+from ..task import half_batch_size
 
 
 def skd_method(args: argparse.Namespace) -> Optional[str]:

@@ -16,7 +16,7 @@ import yaml
 
 from timm.utils import ParseKwargs
 
-from .data.benchmarks import BENCHMARKS, recipe_path
+from ..data.benchmarks import BENCHMARKS, recipe_path
 
 SKD_CHOICES = ('sdpgo', 'dlb', 'dlb2', 'pskd')
 

@@ -10,8 +10,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from .sil import sil_loss
-from .task import SDPGOTask
+from ..sil import sil_loss
+from ..task import SDPGOTask
 
 DLB_PRESET: Dict[str, Any] = dict(temperature=3.0, topk=-1, alpha_mode='fixed', alpha=1.0, weighting='additive')
 

@@ -31,8 +31,8 @@ from .args import ConfigError
 from .checkpoint import (
     CLASSES, POSITION, SUMMARY_ROW, CheckpointError, WriteError, atomic_write_text, find_resume_checkpoint,
     load_checkpoint_file, load_weights_file, resume_position)
-from .data.factory import check_same_classes, dataset_num_classes
-from .pretrained import ensure_cached
+from ..data.factory import check_same_classes, dataset_num_classes
+from ..hub.pretrained import ensure_cached
 from .rundir import RunFolderLock, check_run_folder
 
 _logger = logging.getLogger('train')
@@ -332,7 +332,7 @@ def _this_rank(checkpoint: Dict[str, Any], key: str, args: argparse.Namespace, p
 @dataclass
 class ResumePoint:
     """Where a resumed run continues: the epoch, the optimizer updates before it, and for a recovery
-    checkpoint this rank's mid-epoch state (see sdpgo_timm.recovery)."""
+    checkpoint this rank's mid-epoch state (see sdpgo_timm.runner.recovery)."""
     epoch: int = 0
     num_updates: Optional[int] = None
     recovery: Optional[Dict[str, Any]] = None

@@ -12,7 +12,7 @@ from timm.task import TrainingTask
 
 from .dlb import DLB_PRESET, DLBTwoForwardTask
 from .pskd import PSKDTask
-from .task import SDPGOTask
+from ..task import SDPGOTask
 
 SKD_PRESETS: Dict[str, Dict[str, Any]] = {'sdpgo': {}, 'dlb': DLB_PRESET}
 SKD_TASKS: Dict[str, Type[TrainingTask]] = {'dlb2': DLBTwoForwardTask, 'pskd': PSKDTask}

@@ -4,7 +4,7 @@
   `model.safetensors`, timm's `config.json` and a model card. Optimizer and SDPGO task
   state never leave the machine.
 * With `manifest=` and `tag=`, the push also appends a pinned entry to a pretrained
-  manifest (see sdpgo_timm.pretrained for registering tags).
+  manifest (see sdpgo_timm.hub.pretrained for registering tags).
 
 Run `python -m sdpgo_timm.hub push CHECKPOINT NAMESPACE/NAME` to push from the shell.
 """
@@ -35,7 +35,7 @@ from timm.models import (
 )
 from timm.utils import unwrap_model
 
-from .checkpoint import load_checkpoint_file
+from ..runner.checkpoint import load_checkpoint_file
 from .pretrained import check_repo_id, check_tag, read_manifest
 
 __all__ = ['push_checkpoint', 'main']
@@ -424,7 +424,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(url)
     return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

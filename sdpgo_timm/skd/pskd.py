@@ -5,7 +5,7 @@ t_i = (1 − α_t)·y_i + α_t·p_i, α_t = α_T·epoch/epochs. The predictions 
 table (N × C, fp32) that every training step refreshes with its batch's softmax, so the next
 epoch reads them. The sampler hands a sample to another rank next epoch, so under DDP every
 rank writes the rows of every rank. Rows need their dataset index: see
-`sdpgo_timm.replay.create_indexed_loader`.
+`sdpgo_timm.data.replay.create_indexed_loader`.
 """
 import logging
 from typing import Any, Dict, Optional, Tuple, Union
@@ -20,7 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 from timm.utils import unwrap_model
 
-from .sil import per_sample_kl, teacher_probabilities
+from ..sil import per_sample_kl, teacher_probabilities
 
 _logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class PSKDTask(ClassificationTask):
         if index is None:
             raise ValueError(
                 "PS-KD needs the dataset index of every row: task(input, target, index) "
-                "(see sdpgo_timm.replay.create_indexed_loader)")
+                "(see sdpgo_timm.data.replay.create_indexed_loader)")
         logits = self.trainable_module(input)
         y = self._dense_target(target)
         prev, seen = self._lookup(index, logits.device)
