@@ -20,20 +20,20 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
-from sdpgo_timm.runner.args import ConfigError, parse_args
-from sdpgo_timm.runner.checkpoint import (
-    SUMMARY_ROW, CheckpointError, TrainCheckpointSaver, WriteError, append_summary, restore_summary_row,
-    truncate_summary)
 from sdpgo_timm.data.factory import check_training_classes, create_split_dataset, dataset_classes
-from sdpgo_timm.runner.engine import NonFiniteLossError, train_one_epoch, validate
-from sdpgo_timm.runner.preemption import PREEMPTED_EXIT, Preempted, PreemptionSignal
-
-INTERRUPTED_EXIT = 130  # a second SIGINT, as shells report a process ended by SIGINT (128 + 2)
+from sdpgo_timm.runner import errors
+from sdpgo_timm.runner.args import parse_args
+from sdpgo_timm.runner.builders import (
+    create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method)
+from sdpgo_timm.runner.checkpoint import (
+    SUMMARY_ROW, TrainCheckpointSaver, append_summary, restore_summary_row, truncate_summary)
+from sdpgo_timm.runner.engine import train_one_epoch, validate
+from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
+from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
 from sdpgo_timm.runner.setup import (
     ResumePoint, check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, resolve_resume, resume_training, setup_script_logging)
-from sdpgo_timm.runner.builders import create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method
 
 _logger = logging.getLogger('train')
 
@@ -186,51 +186,41 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if best is None and saver is not None and saver.best_metric is not None:  # resumed in place, nothing left to train
         best = (saver.best_metric, saver.best_epoch)
     result = dict(output_dir=output_dir, best_metric=best[0] if best else None, best_epoch=best[1] if best else None)
+    if primary:
+        if best is None:
+            _logger.info("*** No epoch was trained in this run")
+        else:
+            _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
     if primary and args.push_to_hub and output_dir:
         from sdpgo_timm.hub import HubError, push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')
         try:
             result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
         except HubError as e:  # the run is complete and saved; only the upload is left to do
-            result['hub_error'] = (f"error: {e}. The run itself is complete in {output_dir!r}: push it later with "
-                                   f"python -m sdpgo_timm.hub push {best_path} {args.push_to_hub}")
-    if primary:
-        if best is None:
-            _logger.info("*** No epoch was trained in this run")
-        else:
-            _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
+            raise PushFailed(f"{e}. The run itself is complete in {output_dir!r}: push it later with "
+                             f"python -m sdpgo_timm.hub push {best_path} {args.push_to_hub}") from None
     return result
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 1 trained but the Hub push failed (push again later), 2 bad input, 3 non-finite loss,
-    4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed (disk full, permissions), 130 a second
-    Ctrl-C (stopped at once)."""
+    """The exit status of sdpgo_timm.runner.errors: 0 done, 1 trained but the Hub push failed, 2 bad input, 3
+    non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed, 130 a second Ctrl-C."""
     setup_script_logging()
     try:
         args, args_text = parse_args(argv)
         with ExitStack() as cleanup:
-            result = run(args, args_text, cleanup)
-        if result.get('hub_error'):
-            _logger.error(result['hub_error'])
-            return 1
-    except (ConfigError, CheckpointError, ValueError) as e:
+            run(args, args_text, cleanup)
+    except RunError as e:
+        _logger.error(e.line())
+        return e.exit_status
+    except ValueError as e:  # bad input found by timm or torch while setting up
         _logger.error(f"error: {e}")
-        return 2
-    except NonFiniteLossError as e:
-        _logger.error(f"error: {e}")
-        return 3
-    except Preempted as e:
-        _logger.error(str(e))
-        return PREEMPTED_EXIT
-    except WriteError as e:
-        _logger.error(f"error: {e}")
-        return 5
+        return errors.BAD_INPUT
     except KeyboardInterrupt:
         _logger.error("error: interrupted twice (Ctrl-C): stopped at once, without a recovery checkpoint; the "
                       "checkpoints already written are intact")
-        return INTERRUPTED_EXIT
-    return 0
+        return errors.INTERRUPTED
+    return errors.DONE
 
 
 if __name__ == '__main__':

@@ -24,10 +24,12 @@ from typing import Any, Dict, List
 import torch
 from timm.data import resolve_data_config
 
-from sdpgo_timm.runner.args import ConfigError, parse_validate_args, resolve_eval_args
-from sdpgo_timm.runner.checkpoint import load_weights_file
 from sdpgo_timm.data.factory import create_split_dataset
+from sdpgo_timm.runner import errors
+from sdpgo_timm.runner.args import parse_validate_args, resolve_eval_args
+from sdpgo_timm.runner.checkpoint import load_weights_file
 from sdpgo_timm.runner.engine import validate
+from sdpgo_timm.runner.errors import ConfigError, RunError
 from sdpgo_timm.runner.setup import (
     create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, setup_script_logging,
     write_results)
@@ -90,11 +92,14 @@ def main(argv=None) -> int:
         results = [evaluate(args, path) for path in checkpoint_paths(args.checkpoint)]
         if args.results_file:
             write_results(args.results_file, results)
-    except ValueError as e:  # ConfigError, CheckpointError and options that do not fit
+    except RunError as e:  # bad options or checkpoints (2), a results file that cannot be written (5)
+        _logger.error(e.line())
+        return e.exit_status
+    except ValueError as e:  # options that do not fit, found by timm or torch
         _logger.error(f"error: {e}")
-        return 2
+        return errors.BAD_INPUT
     print(f'--result\n{json.dumps(results, indent=4)}')
-    return 0
+    return errors.DONE
 
 
 if __name__ == '__main__':

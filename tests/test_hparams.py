@@ -36,9 +36,12 @@ def test_recipes_ship_in_the_wheel_and_an_installed_copy_finds_them(tmp_path):
     import subprocess
     import sys
     import zipfile
-    root = Path(__file__).resolve().parents[1]
+    import shutil
+    source = tmp_path / 'source'  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(Path(__file__).resolve().parents[1], source, symlinks=True,
+                    ignore=shutil.ignore_patterns('.git', 'build', '*.egg-info', '__pycache__', 'output'))
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--quiet', '-w',
-                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
     wheel, = tmp_path.glob('sdpgo_timm-*.whl')
     names = zipfile.ZipFile(wheel).namelist()
     assert {f'sdpgo_timm/hparams/{p.relative_to(HPARAMS_DIR).as_posix()}' for p in RECIPES} <= set(names)

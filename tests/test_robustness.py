@@ -75,7 +75,7 @@ def test_recovery_checkpoints_hold_the_position_and_do_not_change_training(recov
 
 def test_resume_auto_picks_the_newest_checkpoint_that_loads(recovery_run, sdpgo_run, tmp_path, caplog):
     """A run killed in epoch 1: the newest recovery file is truncated, so the one before it is taken."""
-    caplog.set_level(logging.INFO, logger='train')
+    caplog.set_level(logging.INFO)
     run = tmp_path / 'rec'
     run.mkdir()
     for name in ('args.yaml', 'checkpoint-0.pth.tar', 'recovery-1-26.pth.tar', 'recovery-1-36.pth.tar'):
@@ -296,7 +296,7 @@ def _image_folder_with_corrupt(source: Path, target: Path, corrupt: List[str]) -
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_unreadable_images_are_named_and_counted(image_folder, tmp_path, workers, caplog):
-    caplog.set_level(logging.INFO, logger='train')
+    caplog.set_level(logging.INFO)
     bad = ['train/cat/cat_3.png', 'train/fox/fox_5.png']
     data = _image_folder_with_corrupt(image_folder, tmp_path / 'data', bad)
     assert run_train([str(data), *FAST, '-b', '8', '--epochs', '1', '--workers', str(workers), '--output',

@@ -17,12 +17,9 @@ import yaml
 from timm.utils import ParseKwargs
 
 from ..data.benchmarks import BENCHMARKS, recipe_path
+from .errors import ConfigError
 
 SKD_CHOICES = ('sdpgo', 'dlb', 'dlb2', 'pskd')
-
-
-class ConfigError(ValueError):
-    """A configuration file or option that cannot be used; the message says how to fix it."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

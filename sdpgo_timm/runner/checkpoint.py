@@ -25,21 +25,15 @@ import torch
 from timm.utils import CheckpointSaver, update_summary
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-_logger = logging.getLogger('train')
+from .errors import CheckpointError, WriteError
+
+_logger = logging.getLogger(__name__)
 
 POSITION = 'position'  # {'epoch', 'step', 'num_updates'} of a recovery checkpoint
 CLASSES = 'classes'  # the training data's class names in label order
 SUMMARY_ROW = 'summary_row'  # {'epoch', 'train', 'eval', 'lr'}: the summary.csv row of an epoch checkpoint
 _TMP = '.tmp-'
 _TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as a checkpoint; the message says why and what to do."""
-
-
-class WriteError(RuntimeError):
-    """A checkpoint or run file could not be written (disk full, permissions); the previous one is intact."""
 
 
 def _fsync_dir(path: str) -> None:

@@ -21,11 +21,9 @@ import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
-_logger = logging.getLogger('train')
+from .errors import NonFiniteLossError
 
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; the run stops without saving."""
+_logger = logging.getLogger(__name__)
 
 
 class Progress:

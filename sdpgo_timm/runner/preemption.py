@@ -18,14 +18,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-_logger = logging.getLogger('train')
+from .errors import Preempted
 
-PREEMPTED_EXIT = 4
+_logger = logging.getLogger(__name__)
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class Preempted(Exception):
-    """The run stopped on a preemption signal after saving where it was; resume with --resume auto."""
 
 
 class PreemptionSignal:

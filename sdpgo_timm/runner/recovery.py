@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .checkpoint import POSITION
 from .engine import TrainMeter
-from .preemption import Preempted, PreemptionSignal
+from .errors import Preempted
+from .preemption import PreemptionSignal
 
 RngState = Dict[str, Any]
 

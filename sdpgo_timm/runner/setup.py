@@ -35,7 +35,7 @@ from ..data.factory import check_same_classes, dataset_num_classes
 from ..hub.pretrained import ensure_cached
 from .rundir import RunFolderLock, check_run_folder
 
-_logger = logging.getLogger('train')
+_logger = logging.getLogger(__name__)
 
 _RANK_STATES = 'task_state_ranks'
 _MIXUP_STATE = 'replay_mixup'

@@ -1,0 +1,53 @@
+"""The ways a run ends early, each with the exit status train.py returns for it.
+
+Every error here carries its one-line message (naming the problem and the fix) and its exit
+status, so that a script's `main` needs one `except RunError` to report any of them.
+"""
+
+DONE = 0
+PUSH_FAILED = 1  # trained and saved; only the Hub upload failed
+BAD_INPUT = 2  # stopped before training and before writing anything
+NON_FINITE_LOSS = 3
+PREEMPTED = 4  # a recovery checkpoint was written: resume with --resume auto
+WRITE_FAILED = 5  # earlier checkpoints are intact
+INTERRUPTED = 130  # a second Ctrl-C, as shells report a process ended by SIGINT (128 + 2)
+
+
+class RunError(Exception):
+    """A run that cannot go on; `exit_status` is what train.py returns, `line()` what it prints."""
+    exit_status = 1
+    prefix = 'error: '
+
+    def line(self) -> str:
+        return self.prefix + str(self)
+
+
+class ConfigError(RunError, ValueError):
+    """A configuration file or option that cannot be used; the message says how to fix it."""
+    exit_status = BAD_INPUT
+
+
+class CheckpointError(RunError, ValueError):
+    """A file that cannot be used as a checkpoint; the message says why and what to do."""
+    exit_status = BAD_INPUT
+
+
+class NonFiniteLossError(RunError, RuntimeError):
+    """The training loss became NaN or inf; the run stops without saving."""
+    exit_status = NON_FINITE_LOSS
+
+
+class Preempted(RunError):
+    """The run stopped on a preemption signal after saving where it was; resume with --resume auto."""
+    exit_status = PREEMPTED
+    prefix = ''
+
+
+class WriteError(RunError, RuntimeError):
+    """A checkpoint or run file could not be written (disk full, permissions); the previous one is intact."""
+    exit_status = WRITE_FAILED
+
+
+class PushFailed(RunError):
+    """The run finished and is saved, but pushing it to the Hub failed."""
+    exit_status = PUSH_FAILED
