@@ -38,8 +38,9 @@ from timm.models import is_model_in_modules
 from timm.task import ClassificationTask, TrainingTask
 from torch.utils.data import BatchSampler, RandomSampler
 
-from sdpgo_timm.skd import create_skd_task
-from sdpgo_timm.data.replay import ReplayBatchSampler
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+from sdpgo_timm.data.replay import ReplayBatchSampler  # noqa: E402
+from sdpgo_timm.skd import create_skd_task  # noqa: E402
 
 METHODS = {
     'ce': 'CE',
