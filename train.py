@@ -21,19 +21,20 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
 from sdpgo_timm.data.factory import check_training_classes, create_split_dataset, dataset_classes
+from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import (
     create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method)
-from sdpgo_timm.runner.checkpoint import (
-    SUMMARY_ROW, TrainCheckpointSaver, append_summary, restore_summary_row, truncate_summary)
+from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
+from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.setup import (
-    ResumePoint, check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
-    gather_rank_states, init_device, resolve_lr, resolve_resume, resume_training, setup_script_logging)
+    check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
+    gather_rank_states, init_device, resolve_lr, setup_script_logging)
 
 _logger = logging.getLogger('train')
 
@@ -74,7 +75,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-    loader_train, fresh_size = create_train_loader(args, dataset_train, data_config, device, data_path)
+    loader_train = create_train_loader(args, dataset_train, data_config, device, data_path)
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
@@ -116,12 +117,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
             task=task, classes=dataset_classes(dataset_train))
         if in_place:
-            # resumed in place: keep the best, the history and the recovery files; epochs to redo lose their rows
-            saver.load_state_dict_from_checkpoint(resume_path)
-            saver.adopt_recovery_files()
-            truncate_summary(os.path.join(output_dir, 'summary.csv'), point.epoch)
-            if point.summary_row is not None:
-                restore_summary_row(os.path.join(output_dir, 'summary.csv'), point.summary_row)
+            resume_in_place(saver, resume_path, output_dir, point)
         _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
 
@@ -141,11 +137,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         loader_train.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
-        if hasattr(task, 'set_epoch'):
+        if isinstance(task, SelfDistillationTask):
             task.set_epoch(epoch)
 
         train_metrics = train_one_epoch(
-            epoch, task, loader_train, optimizer, device=device, fresh_size=fresh_size,
+            epoch, task, loader_train, optimizer, device=device,
             lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,

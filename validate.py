@@ -30,9 +30,8 @@ from sdpgo_timm.runner.args import parse_validate_args, resolve_eval_args
 from sdpgo_timm.runner.checkpoint import load_weights_file
 from sdpgo_timm.runner.engine import validate
 from sdpgo_timm.runner.errors import ConfigError, RunError
-from sdpgo_timm.runner.setup import (
-    create_autocast, create_eval_loader, create_eval_model, create_real_labels, default_device, setup_script_logging,
-    write_results)
+from sdpgo_timm.runner.evaluation import create_eval_model, create_real_labels, write_results
+from sdpgo_timm.runner.setup import create_autocast, create_eval_loader, default_device, setup_script_logging
 
 _logger = logging.getLogger('validate')
 

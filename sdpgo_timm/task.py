@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.task import TrainingTask
 from timm.utils import ModelEmaV3, unwrap_model
 
+from .protocol import SelfDistillationTask
 from .pwa import ProximalWeightAssignment
 from .sil import WEIGHTINGS, per_sample_cross_entropy, sil_loss, teacher_probabilities
 from .taps import TappedModel, attach_grad_hooks, resolve_tap_layers, to_bsc
@@ -72,7 +72,7 @@ class ReplayCache:
         return cls(moved['teacher'], moved['alpha'], **samples)
 
 
-class SDPGOTask(TrainingTask):
+class SDPGOTask(SelfDistillationTask):
     """SDPGO self-distillation: Sequential Iterative Learning + Proximal Weight Assignment.
 
     Args:
@@ -97,6 +97,8 @@ class SDPGOTask(TrainingTask):
     needed so that PWA sees gradients on a stable scale; a device tensor (the GradScaler's
     scale) avoids a host sync.
     """
+
+    loss_parts = ('loss_ce', 'loss_sil', 'alpha', 'sparsity')
 
     def __init__(
             self,
@@ -187,6 +189,11 @@ class SDPGOTask(TrainingTask):
     def update_ema(self, step: Optional[int] = None) -> None:
         if self.has_ema():
             self.trainable_module_ema.update(self.get_eval_model(), step=step)
+
+    def replay_rows(self, num_replay: int) -> int:
+        """All replayed rows when a teacher is cached for them; none without one (the first step, a resume from
+        weights only): the step then trains on its fresh half alone (see `_teacherless_replay`)."""
+        return num_replay if self.cache is not None else 0
 
     def reset(self) -> None:
         """Forget the replay cache (the next step is plain CE on its batch)."""

@@ -7,7 +7,8 @@ import torch
 from timm.utils import NativeScaler
 
 from sdpgo_timm import SDPGOTask
-from sdpgo_timm.runner.engine import amp_loss_scale, train_one_epoch
+from sdpgo_timm.compat import amp_loss_scale
+from sdpgo_timm.runner.engine import train_one_epoch
 
 
 def _batches(n=4, size=6):

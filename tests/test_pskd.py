@@ -205,8 +205,8 @@ def test_indexed_loader_yields_dataset_indices():
         dataset, (3, 8, 8), 16, is_training=True, no_aug=True, num_workers=0, device=torch.device('cpu'))
     batches = list(loader)
     assert len(batches) == len(loader) == len(dataset) // 16
-    seen = torch.cat([index for _, _, index in batches])
+    seen = torch.cat([batch.index for batch in batches])
     assert seen.dtype == torch.int64 and len(set(seen.tolist())) == len(seen)  # one epoch, each sample once
-    for input, target, index in batches:
+    for input, target, index, _ in batches:
         assert input.shape == (16, 3, 8, 8)
         assert torch.equal(target, torch.as_tensor(dataset.targets)[index])

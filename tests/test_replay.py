@@ -122,27 +122,28 @@ def test_loader_yields_input_target_index(use_prefetcher, num_workers):
     expected = list(loader.sampler)
     batches = list(loader)
     assert len(batches) == len(loader) == len(expected) == 8
-    for (input, target, index), indices in zip(batches, expected):
+    for (input, target, index, fresh_start), indices in zip(batches, expected):
+        assert fresh_start == len(indices) - 3  # the 3 fresh rows come after the replayed ones
         assert input.shape == (6, 3, 8, 8) and input.dtype == torch.float32
         assert index.dtype == torch.int64 and index.tolist() == indices
         assert torch.equal((input[:, 0, 0, 0] * 255).round().long(), index)
         assert torch.equal(target, index % 10)
     loader.set_epoch(2)  # the next pass follows the new epoch, persistent workers or not
-    assert [index.tolist() for _, _, index in loader] == _epoch(loader.sampler, 2)
+    assert [batch.index.tolist() for batch in loader] == _epoch(loader.sampler, 2)
 
 
 def test_loader_prefetcher_normalizes_and_erases_like_timm():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     kwargs = dict(no_aug=True, mean=mean, std=std, num_workers=0)
     loader = create_replay_loader(_IndexImages(), (3, 16, 16), 4, **kwargs)
-    input, _, index = next(iter(loader))
+    input, _, index, _ = next(iter(loader))
     pixel = index.float().view(-1, 1, 1, 1)
     expected = (pixel - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
     torch.testing.assert_close(input, expected.expand_as(input))
     # no_aug turns random erasing off, as in timm; with augmentation every image gets erased to 0
     erased = create_replay_loader(_IndexImages(), (3, 16, 16), 4, re_prob=1., scale=(1., 1.), ratio=(1., 1.),
                                   hflip=0., color_jitter=0., mean=mean, std=std, num_workers=0)
-    input, _, _ = next(iter(erased))
+    input = next(iter(erased)).input
     assert all((img == 0).all(0).any() for img in input)
     assert not (next(iter(loader))[0] == 0).any()
 
@@ -151,7 +152,7 @@ def test_loader_state_resumes_mid_epoch():
     kwargs = dict(no_aug=True, num_workers=0, seed=9)
     loader = create_replay_loader(_IndexImages(), (3, 8, 8), 4, **kwargs)
     loader.set_epoch(2)
-    full = [index.tolist() for _, _, index in loader]
+    full = [batch.index.tolist() for batch in loader]
     it = iter(loader)
     for _ in range(5):
         next(it)
@@ -160,7 +161,7 @@ def test_loader_state_resumes_mid_epoch():
     resumed = create_replay_loader(_IndexImages(), (3, 8, 8), 4, **kwargs)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
-    assert [index.tolist() for _, _, index in resumed] == full[5:]
+    assert [batch.index.tolist() for batch in resumed] == full[5:]
     assert resumed.state_dict() == {'epoch': 3, 'start_step': 0}
 
 

@@ -10,7 +10,6 @@ with the same indices and no replay, for PS-KD's per-sample table.
 """
 import copy
 import math
-from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -20,8 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from timm.data import Mixup, create_loader, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.loader import PrefetchLoader, _worker_init, fast_collate
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
+
+from ..compat import timm_worker_init
+from ..protocol import Batch
 
 __all__ = ['ReplayBatchSampler', 'ReplayLoader', 'create_replay_loader', 'IndexedLoader', 'create_indexed_loader',
            'ReplayMixup']
@@ -182,9 +184,10 @@ class _IndexedCollate:
 
 
 class ReplayLoader:
-    """Iterate (input, target, index) batches in `ReplayBatchSampler` order.
+    """Iterate `Batch`es (input, target, index, fresh_start) in `ReplayBatchSampler` order.
 
-    `index` holds the int64 dataset indices of the batch rows, on the device of `target`.
+    `index` holds the int64 dataset indices of the batch rows, on the device of `target`; the rows before
+    `fresh_start` replay the previous step's fresh half (none in the very first batch).
     The loader counts the batches it hands out, so `state_dict()` is the position to resume
     from after the last batch received (a finished epoch reads as the start of the next).
     """
@@ -195,7 +198,7 @@ class ReplayLoader:
         self.dataset = dataset
         self._position = sampler.state_dict()
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.sampler.epoch, self.sampler.state_dict()['start_step']
         self._position = {'epoch': epoch, 'start_step': step}
         for input, packed in self.loader:
@@ -204,7 +207,7 @@ class ReplayLoader:
                 self._position = {'epoch': epoch + 1, 'start_step': 0}
             else:
                 self._position = {'epoch': epoch, 'start_step': step}
-            yield input, packed[0], packed[1]
+            yield Batch(input, packed[0], packed[1], fresh_start=len(input) - self.sampler.fresh_size)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -313,7 +316,7 @@ def create_replay_loader(
         num_workers=num_workers,
         collate_fn=_IndexedCollate(fast_collate if use_prefetcher else default_collate),
         pin_memory=pin_memory,
-        worker_init_fn=partial(_worker_init, worker_seeding=worker_seeding),
+        worker_init_fn=timm_worker_init(worker_seeding),
         persistent_workers=persistent_workers and num_workers > 0,
     )
     if use_prefetcher:
@@ -333,14 +336,14 @@ def create_replay_loader(
 
 
 class IndexedLoader:
-    """Iterate (input, target, index) batches of a timm loader built over indexed samples."""
+    """Iterate `Batch`es (input, target, index) of a timm loader built over indexed samples."""
 
     def __init__(self, loader: Union[DataLoader, PrefetchLoader]):
         self.loader = loader
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         for input, packed in self.loader:
-            yield input, packed[0], packed[1]
+            yield Batch(input, packed[0], packed[1])
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -17,17 +17,15 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
-from packaging.version import Version
 
-import timm
-from timm.models import (
-    PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model, parse_model_name, split_model_name_tag)
+from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model, parse_model_name
+
+from ..compat import add_pretrained_tag
 
 __all__ = ['register_pretrained', 'register_manifest', 'register_builtin', 'ensure_cached']
 
 MANIFEST = Path(__file__).with_name('pretrained.json')
 MANIFEST_ENV = 'SDPGO_TIMM_MANIFEST'
-MIN_TIMM_FOR_REGISTRY = '1.0.23'
 
 _ENTRY_INFO_KEYS = ('top1', 'top5', 'recipe')  # manifest fields for people, not for timm
 _TAG_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_\-]*')
@@ -73,7 +71,7 @@ def register_pretrained(arch: str, tag: str, *, hf_hub_id: str, **cfg: Any) -> N
         raise ValueError(f'{name} is already registered by sdpgo_timm with another cfg: choose a new tag.')
     if name in get_arch_pretrained_cfgs(arch):
         raise ValueError(f'{name} is one of timm\'s own pretrained tags: choose another tag for SDPGO weights.')
-    _timm_registry_add(name, new_cfg)
+    add_pretrained_tag(name, new_cfg)
     _REGISTERED[name] = new_cfg
 
 
@@ -91,29 +89,6 @@ def _tag_cfg(arch: str, tag: str, hf_hub_id: str, cfg: Dict[str, Any]) -> Pretra
         })
     except TypeError as e:
         raise ValueError(f'{arch}.{tag}: bad pretrained cfg field ({e}); see timm.models.PretrainedCfg.') from None
-
-
-def _timm_registry_add(name: str, cfg: PretrainedCfg) -> None:
-    """Add `arch.tag` -> cfg to timm's registry: the ONLY code touching timm's private registry.
-
-    timm has no public API to add pretrained tags; these structures are those of timm >= 1.0.23.
-    """
-    fallback = f"load the weights with timm.create_model('hf-hub:{cfg.hf_hub_id}', pretrained=True)"
-    if Version(timm.__version__) < Version(MIN_TIMM_FOR_REGISTRY):
-        raise RuntimeError(
-            f'Registering pretrained tags needs timm >= {MIN_TIMM_FOR_REGISTRY} (found {timm.__version__}): '
-            f'upgrade timm, or {fallback}.')
-    from timm.models import _registry
-    try:
-        cfgs, has_weights, tags = (
-            _registry._model_pretrained_cfgs, _registry._model_has_pretrained, _registry._model_with_tags)
-    except AttributeError:
-        raise RuntimeError(
-            f'timm {timm.__version__} changed its private model registry, so sdpgo_timm cannot add {name}: '
-            f'{fallback}.') from None
-    cfgs[name] = cfg
-    has_weights.add(name)
-    tags[split_model_name_tag(name)[0]].append(name)
 
 
 def register_manifest(path: Union[str, os.PathLike], strict: bool = True) -> List[str]:

@@ -35,7 +35,7 @@ from timm.models import (
 )
 from timm.utils import unwrap_model
 
-from ..runner.checkpoint import load_checkpoint_file
+from ..runner.checkpoint import load_checkpoint_file, load_weights_into
 from .pretrained import check_repo_id, check_tag, read_manifest
 
 __all__ = ['push_checkpoint', 'main']
@@ -188,18 +188,12 @@ def _model_from_checkpoint(path: Path, use_ema: bool):
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in checkpoint:
         raise ValueError(f"{str(path)!r} has no EMA weights ('state_dict_ema'): push without --use-ema.")
-    state_dict = clean_state_dict(checkpoint[key])
-
     kwargs = dict(args.get('model_kwargs') or {})
-    kwargs.update(num_classes=_num_classes(arch, state_dict, args, path), in_chans=args.get('in_chans'))
-    kwargs.update(global_pool=args.get('gp'))
+    kwargs.update(num_classes=_num_classes(arch, clean_state_dict(checkpoint[key]), args, path),
+                  in_chans=args.get('in_chans'), global_pool=args.get('gp'))
     model = timm.create_model(**resolve_model_input_args(arch, args, **kwargs), pretrained=False)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise ValueError(
-            f'{str(path)!r} weights do not fit timm.create_model({arch!r}): {str(e).splitlines()[0]} '
-            f'Check that the checkpoint and its args come from the same run.') from None
+    load_weights_into(model, checkpoint, str(path), f"timm.create_model({arch!r}) of the checkpoint's args",
+                      use_ema=use_ema)
     return model, args, checkpoint.get('epoch')
 
 

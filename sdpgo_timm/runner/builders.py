@@ -7,7 +7,7 @@ ClassificationTask or a self-distillation task), the training loader for each da
 with it.
 """
 import argparse
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -113,8 +113,8 @@ def create_train_loader(
         data_config: dict,
         device: torch.device,
         data_path: Optional[str],
-) -> Tuple[ResumableLoader, int]:
-    """The training loader (resumable mid-epoch) and the fresh rows per replay step (0: no replay half)."""
+) -> ResumableLoader:
+    """The training loader, resumable mid-epoch."""
     common = dict(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
@@ -130,7 +130,7 @@ def create_train_loader(
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
             num_replicas=args.world_size, rank=args.rank, **common)
-        return ResumableLoader(loader), half_batch_size(args.batch_size)
+        return ResumableLoader(loader)
     batch_size = half_batch_size(args.batch_size) if data_path == 'tensors' else args.batch_size
     if data_path == 'tensors' and mixup_active(args) and batch_size % 2:
         raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
@@ -138,4 +138,4 @@ def create_train_loader(
     create = create_indexed_loader if data_path == 'indexed' else create_loader
     loader = create(
         dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
-    return ResumableLoader(loader), 0
+    return ResumableLoader(loader)

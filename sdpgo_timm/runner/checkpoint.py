@@ -25,12 +25,17 @@ import torch
 from timm.utils import CheckpointSaver, update_summary
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-from .errors import CheckpointError, WriteError
+from .errors import CheckpointError, WriteError, one_line
 
 _logger = logging.getLogger(__name__)
 
 POSITION = 'position'  # {'epoch', 'step', 'num_updates'} of a recovery checkpoint
 CLASSES = 'classes'  # the training data's class names in label order
+# per-process state under DDP (`runner.setup.gather_rank_states`): one entry per rank
+RANK_STATES = 'task_state_ranks'
+MIXUP_STATE = 'replay_mixup'  # this process's record of the replay half's Mixup
+MIXUP_RANKS = 'replay_mixup_ranks'
+RECOVERY_RANKS = 'recovery_ranks'
 SUMMARY_ROW = 'summary_row'  # {'epoch', 'train', 'eval', 'lr'}: the summary.csv row of an epoch checkpoint
 _TMP = '.tmp-'
 _TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
@@ -225,6 +230,20 @@ def resume_position(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
 
 
 _RESUME_NAMES = ('last', 'checkpoint-', 'recovery-', 'model_best')  # tie order: same position, earlier wins
+
+
+def load_weights_into(model: torch.nn.Module, checkpoint: Dict[str, Any], path: str, what: str,
+                      use_ema: bool = False) -> None:
+    """Load a checkpoint's model (or EMA) weights into `model`; one-line CheckpointErrors naming `what` was asked
+    (e.g. "--model 'resnet18' with 10 classes") when there are none or they do not fit."""
+    from timm.models import clean_state_dict
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if checkpoint.get(key) is None:
+        raise CheckpointError(f"{str(path)!r} has no EMA weights ('state_dict_ema'): use the model's weights instead")
+    try:
+        model.load_state_dict(clean_state_dict(checkpoint[key]))
+    except RuntimeError as e:
+        raise CheckpointError(f"{str(path)!r} does not fit {what}: {one_line(e)}") from None
 
 
 def find_resume_checkpoint(folder: str) -> Optional[str]:

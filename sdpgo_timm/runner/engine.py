@@ -1,19 +1,19 @@
 """Training and validation loops shared by train.py and validate.py.
 
-One loop serves plain timm training (ClassificationTask) and the self-distillation tasks:
-the loader yields (input, target) or, for index-aware data paths, (input, target, index);
-Mixup is applied here, the task computes the loss, timm's NativeScaler (or a plain
-backward) steps the optimizer, and the epoch's metrics come back as a dict. Their running
-sums live in a `TrainMeter`, which a recovery checkpoint saves to continue an epoch.
+One loop serves plain timm training (ClassificationTask) and the self-distillation tasks, which
+it talks to only through the SelfDistillationTask protocol (`sdpgo_timm.protocol`): the loader
+yields a `Batch` (or timm's (input, target) pair), Mixup is applied here, the task computes the
+loss and names the loss parts to log, timm's NativeScaler (or a plain backward) steps the
+optimizer, and the epoch's metrics come back as a dict. Their running sums live in a
+`TrainMeter`, which a recovery checkpoint saves to continue an epoch.
 """
-import inspect
 import logging
 import math
 import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,8 @@ import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
+from ..compat import amp_loss_scale
+from ..protocol import Batch, SelfDistillationTask, as_batch
 from .errors import NonFiniteLossError
 
 _logger = logging.getLogger(__name__)
@@ -59,23 +61,16 @@ class Progress:
             _logger.info(f"[{step + 1:>4d}/{self.total}] {self.text}")
 
 
-def _unpack(batch, device: torch.device):
-    input, target, *rest = batch
-    index = rest[0] if rest else None
-    return input.to(device), target.to(device), index
-
-
 class TrainMeter:
-    """Running sums of one epoch's loss parts and its counts, on the device (no per-step host sync).
+    """Running sums of one epoch's loss and the task's loss parts, and its counts, on the device (no per-step
+    host sync).
 
     `state_dict()` goes into recovery checkpoints, so that an epoch resumed mid-way reports
     the same means as one never stopped; `batches` is how many loader batches it has seen.
     """
 
-    KEYS = ('loss', 'loss_ce', 'loss_sil', 'alpha', 'sparsity')
-
-    def __init__(self, device: torch.device):
-        self.sums = {k: torch.zeros((), device=device) for k in self.KEYS}
+    def __init__(self, device: torch.device, parts: Sequence[str] = ()):
+        self.sums = {k: torch.zeros((), device=device) for k in ('loss', *parts)}
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.batches = self.steps = self.fresh_seen = self.model_seen = 0
 
@@ -85,11 +80,9 @@ class TrainMeter:
         self.fresh_seen += fresh
         self.batches += 1
         self.finite &= torch.isfinite(loss.detach())
-        for key in self.KEYS:
-            # plain CE reports its loss as loss_ce and zeros, so every run's summary.csv has the same columns
-            value = out.get(key, loss if key == 'loss_ce' else None)
-            if value is not None:
-                self.sums[key] += value.detach().float() * n
+        self.sums['loss'] += loss.detach().float() * n
+        for key in self.sums.keys() - {'loss'}:
+            self.sums[key] += out[key].detach().float() * n
 
     def means(self) -> Dict[str, float]:
         return {k: v.item() / max(self.model_seen, 1) for k, v in self.sums.items()}
@@ -106,26 +99,10 @@ class TrainMeter:
                     batches=self.batches, steps=self.steps, fresh_seen=self.fresh_seen, model_seen=self.model_seen)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for k, v in state['sums'].items():
-            self.sums[k] = v.to(self.finite.device)
+        self.sums = {k: v.to(self.finite.device) for k, v in state['sums'].items()}
         self.finite.fill_(state['finite'])
         self.batches, self.steps = state['batches'], state['steps']
         self.fresh_seen, self.model_seen = state['fresh_seen'], state['model_seen']
-
-
-def amp_loss_scale(loss_scaler) -> Union[float, torch.Tensor]:
-    """The factor timm's NativeScaler multiplies the loss by, without a host sync.
-
-    GradScaler.get_scale() reads its scale tensor with .item(), one device sync per step; the
-    SKD tasks only use the scale inside their backward hooks, so they get the device tensor
-    itself (it changes only in scaler.update(), after the backward). Before the scaler's first
-    step, and with no scaler, the scale is a plain float.
-    """
-    scaler = getattr(loss_scaler, '_scaler', None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    scale = scaler._get_scale_async()
-    return float(scaler.get_scale()) if scale is None else scale
 
 
 def train_one_epoch(
@@ -135,7 +112,6 @@ def train_one_epoch(
         optimizer: torch.optim.Optimizer,
         *,
         device: torch.device,
-        fresh_size: int = 0,
         lr_scheduler=None,
         mixup_fn: Optional[Callable] = None,
         loss_scaler=None,
@@ -151,17 +127,15 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
 ) -> Dict[str, float]:
-    """Train one epoch; returns mean loss parts, counts of optimizer steps and fresh samples.
+    """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
-    `fresh_size` is the fresh half of an index-aware replay batch (views mode): the rows
-    before it are the replay half. `meter` continues an epoch stopped after `meter.batches`
-    batches (the loader must start there); `on_step(num_updates, meter)` runs after each
-    optimizer step.
+    A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
+    them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
+    loader must start there); `on_step(num_updates, meter)` runs after each optimizer step.
     """
-    # self-distillation tasks take the sample indices and the loss scale; timm's tasks take (input, target)
-    skd = 'index' in inspect.signature(task.forward).parameters
+    skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
-    meter = meter if meter is not None else TrainMeter(device)
+    meter = meter if meter is not None else TrainMeter(device, task.loss_parts if skd else ())
     num_batches = len(loader)
     progress = Progress(num_batches, log_interval, log_enabled)
     first_seen = meter.model_seen
@@ -169,11 +143,13 @@ def train_one_epoch(
     parameters = list(task.get_clip_parameters())
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
-        input, target, index = _unpack(batch, device)
-        num_replay = len(input) - fresh_size if index is not None and fresh_size else 0
-        if num_replay and getattr(task, 'cache', True) is None:
-            # no teacher for this replay half (e.g. resumed from weights only): train on its fresh half
-            input, target, index, num_replay = input[num_replay:], target[num_replay:], index[num_replay:], 0
+        batch: Batch = as_batch(batch)
+        input, target, index, num_replay = batch.input.to(device), batch.target.to(device), batch.index, 0
+        if batch.fresh_start:
+            num_replay = task.replay_rows(batch.fresh_start)
+            skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
+            input, target = input[skip:], target[skip:]
+            index = index[skip:] if index is not None else None
         if mixup_fn is not None:
             input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
         if channels_last:
@@ -221,7 +197,7 @@ def train_one_epoch(
 
 def _status(meter: TrainMeter, world_size: int, start: float, first_seen: int) -> str:
     means = meter.means()
-    parts = [f"loss {means['loss']:.4f}"] + [f"{k} {means[k]:.3f}" for k in ('alpha', 'sparsity')]
+    parts = [f"loss {means['loss']:.4f}"] + [f"{k} {v:.3f}" for k, v in means.items() if k != 'loss']
     rate = (meter.model_seen - first_seen) * world_size / max(time.time() - start, 1e-6)
     return ' '.join(parts) + f" {rate:.1f} img/s"
 
@@ -251,7 +227,8 @@ def validate(
     start = time.time()
     seen = 0
     for batch_idx, batch in enumerate(loader):
-        input, target, _ = _unpack(batch, device)
+        batch = as_batch(batch)
+        input, target = batch.input.to(device), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():

@@ -51,3 +51,8 @@ class WriteError(RunError, RuntimeError):
 class PushFailed(RunError):
     """The run finished and is saved, but pushing it to the Hub failed."""
     exit_status = PUSH_FAILED
+
+
+def one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (load_state_dict's spans several), cut at `limit` characters."""
+    return ' '.join(str(error).split())[:limit]

@@ -18,7 +18,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .errors import Preempted
 
 _logger = logging.getLogger(__name__)
 

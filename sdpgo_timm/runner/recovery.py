@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from ..compat import swap_batch_sampler
 from .checkpoint import POSITION
 from .engine import TrainMeter
 from .errors import Preempted
@@ -117,14 +118,12 @@ class ResumableLoader:
     def __init__(self, loader):
         self.loader = loader
         data_loader = _data_loader(loader)
-        self.resumable = not isinstance(data_loader.dataset, IterableDataset)
         self.batch_sampler: Optional[ResumableBatchSampler] = None
-        if self.resumable:
-            self.batch_sampler = ResumableBatchSampler(data_loader.batch_sampler, record=data_loader.num_workers == 0)
-            # DataLoader refuses a new batch_sampler after __init__; timm's MultiEpochsDataLoader swaps it the same way
-            data_loader._DataLoader__initialized = False
-            data_loader.batch_sampler = self.batch_sampler
-            data_loader._DataLoader__initialized = True
+        if not isinstance(data_loader.dataset, IterableDataset):
+            sampler = ResumableBatchSampler(data_loader.batch_sampler, record=data_loader.num_workers == 0)
+            if swap_batch_sampler(data_loader, sampler):
+                self.batch_sampler = sampler
+        self.resumable = self.batch_sampler is not None
         self.consumed = 0
         self._start: Tuple[int, List[RngState]] = (0, [])
 

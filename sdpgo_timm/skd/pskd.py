@@ -20,6 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import ClassificationTask
 from timm.utils import unwrap_model
 
+from ..protocol import SelfDistillationTask
 from ..sil import per_sample_kl, teacher_probabilities
 
 _logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _last_write_wins(index: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Ten
     return sorted_index, rows[order[last]]
 
 
-class PSKDTask(ClassificationTask):
+class PSKDTask(SelfDistillationTask, ClassificationTask):
     """PS-KD: cross-entropy to the target softened with the sample's last-epoch prediction.
 
     Trains the plain timm model like timm's ClassificationTask (DDP wraps the model), with
@@ -72,13 +73,14 @@ class PSKDTask(ClassificationTask):
         table_device: where the N×C table lives: 'cpu' (default, as the authors: it costs
             N·C·4 bytes per process) or a device; None keeps it on the task's device.
 
-    Call `task(input, target, index, loss_scale=1.0)`; `index` holds the rows' dataset
-    indices, `loss_scale` is accepted for the SKD tasks' common signature and not used.
+    Call `task(input, target, index, loss_scale=1.0)` (the SelfDistillationTask protocol); `index`
+    holds the rows' dataset indices, `loss_scale` is not used.
     Under Mixup/CutMix the table keeps the prediction of the mixed image under the row's
     index (a choice; the paper does not say).
     """
     #: the table is all-gathered at every step, so rank 0's copy is the state of every rank
     state_shared_across_ranks = True
+    loss_parts = ('loss_ce', 'loss_sil', 'alpha')
 
     def __init__(
             self,
@@ -189,8 +191,7 @@ class PSKDTask(ClassificationTask):
 
         Returns loss (CE to the softened target), output (logits), target (as given), loss_ce
         (mean CE to y), loss_sil (the KD term: mean KL(p_prev ‖ softmax(z)) over rows that
-        have a previous prediction, 0 without; not weighted by α_t), alpha (α_t) and
-        sparsity (0; for the SKD tasks' common logging).
+        have a previous prediction, 0 without; not weighted by α_t) and alpha (α_t).
         """
         if index is None:
             raise ValueError(
@@ -214,5 +215,4 @@ class PSKDTask(ClassificationTask):
             loss_ce=loss_ce,
             loss_sil=loss_sil,
             alpha=logits.new_full((), alpha, dtype=torch.float32),
-            sparsity=logits.new_zeros((), dtype=torch.float32),
         )
