@@ -25,7 +25,7 @@ from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import (
-    create_mixup, create_train_loader, create_train_task, resolve_data_path, skd_method)
+    create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
@@ -64,8 +64,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     method = skd_method(args)
-    data_path = resolve_data_path(args, dataset_train)
-    task = create_train_task(args, model, data_path, device, num_samples=len(dataset_train))
+    feed = resolve_feed(args, dataset_train)
+    task = create_train_task(args, model, feed, device, num_samples=len(dataset_train))
     resolve_lr(args)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
 
@@ -75,11 +75,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-    loader_train = create_train_loader(args, dataset_train, data_config, device, data_path)
+    loader_train = create_train_loader(args, dataset_train, data_config, device, feed)
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
-    mixup_fn = create_mixup(args, model.num_classes, replay_aware=data_path in ('views', 'tensors'))
+    mixup_fn = create_mixup(args, model.num_classes, replay_aware=feed in ('views', 'tensors'))
 
     resume_path = resolve_resume(args)
     point = ResumePoint()

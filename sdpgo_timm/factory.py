@@ -1,4 +1,4 @@
-"""create_model: timm.create_model plus the training task that goes with the model."""
+"""create_model_and_task: timm.create_model plus the training task that goes with the model."""
 from typing import NamedTuple, Optional
 
 import timm
@@ -17,7 +17,7 @@ class ModelAndTask(NamedTuple):
     task: TrainingTask
 
 
-def create_model(
+def create_model_and_task(
         model_name: str,
         *,
         sdpgo: bool = True,

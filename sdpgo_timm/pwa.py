@@ -117,7 +117,7 @@ class ProximalWeightAssignment:
         sparsity = (w_hat == 0).float().mean()
         return dict(z=z, sparsity=sparsity)
 
-    def alpha(self, z_per_layer: List[torch.Tensor]) -> torch.Tensor:
+    def advance(self, z_per_layer: List[torch.Tensor]) -> torch.Tensor:
         """α_i = clamp(sigmoid(mean over layers of z_i)); counts one PWA step."""
         self.steps += 1
         z = torch.stack(z_per_layer).mean(dim=0)

@@ -272,10 +272,10 @@ class SDPGOTask(SelfDistillationTask):
         and sparsity (share of zero channel weights at the latest PWA update).
         """
         input, target, num_replay = self._batch(input, target, index)
-        split = num_replay
+        fresh_start = num_replay
         if not num_replay and torch.is_grad_enabled():
             input, target, index = _teacherless_replay(input, target, index)
-            split = len(input) // 2
+            fresh_start = len(input) // 2
         logits, features = self.trainable_module(input)
         cache = self.cache
         teacher = cache.teacher if num_replay else None
@@ -293,7 +293,7 @@ class SDPGOTask(SelfDistillationTask):
             temperature=self.temperature, topk=self.topk, weighting=self.weighting)
 
         if torch.is_grad_enabled():
-            self.cache = self._next_cache(input, target, index, logits, features, split, loss_scale)
+            self.cache = self._next_cache(input, target, index, logits, features, fresh_start, loss_scale)
         out.update(
             output=logits,
             target=target,
@@ -302,22 +302,22 @@ class SDPGOTask(SelfDistillationTask):
         )
         return out
 
-    def _next_cache(self, input, target, index, logits, features, num_replay, loss_scale) -> ReplayCache:
-        fresh = slice(num_replay, None)
+    def _next_cache(self, input, target, index, logits, features, fresh_start, loss_scale) -> ReplayCache:
+        fresh = slice(fresh_start, None)
         samples = dict(index=index[fresh].detach()) if self.replay == 'views' else dict(
             input=input[fresh].detach(), target=target[fresh].detach())
         cache = ReplayCache(teacher_probabilities(logits[fresh], self.temperature), **samples)
         if self.alpha_mode == 'fixed':
             cache.alpha = logits.new_full((len(cache),), self.fixed_alpha, dtype=torch.float32)
         else:
-            self._attach_pwa(cache, features, num_replay, grad_multiplier=len(input) / loss_scale)
+            self._attach_pwa(cache, features, fresh_start, grad_multiplier=len(input) / loss_scale)
         return cache
 
     def _attach_pwa(
             self,
             cache: ReplayCache,
             features: List[torch.Tensor],
-            num_replay: int,
+            fresh_start: int,
             grad_multiplier: Union[float, torch.Tensor],
     ):
         """Hook the fresh half of each tapped feature; fill cache.alpha once all have fired."""
@@ -326,12 +326,12 @@ class SDPGOTask(SelfDistillationTask):
 
         def on_grad(i: int, feature: torch.Tensor, grad: torch.Tensor) -> None:
             chs, prefix = self._tap_channels[i], self._num_prefix_tokens
-            f = to_bsc(feature.detach()[num_replay:], chs, prefix, self._nhwc)
-            g = to_bsc(grad[num_replay:], chs, prefix, self._nhwc) * grad_multiplier
+            f = to_bsc(feature.detach()[fresh_start:], chs, prefix, self._nhwc)
+            g = to_bsc(grad[fresh_start:], chs, prefix, self._nhwc) * grad_multiplier
             scores = self.pwa.layer_scores(i, f, g)
             z[i], sparsity[i] = scores['z'], scores['sparsity']
             if all(s is not None for s in z):
-                cache.alpha = self.pwa.alpha(z)
+                cache.alpha = self.pwa.advance(z)
                 self.sparsity = torch.stack(sparsity).mean().detach()
 
         attach_grad_hooks(features, on_grad)

@@ -61,7 +61,7 @@ def test_alpha_is_clamped_sigmoid_of_layer_mean():
     pwa = ProximalWeightAssignment(2, alpha_min=0.1, alpha_max=0.8)
     z = [torch.tensor([0.0, 4.0, -6.0]), torch.tensor([2.0, 4.0, -2.0])]
     expected = [min(max(1 / (1 + math.exp(-m)), 0.1), 0.8) for m in (1.0, 4.0, -4.0)]
-    torch.testing.assert_close(pwa.alpha(z), torch.tensor(expected))
+    torch.testing.assert_close(pwa.advance(z), torch.tensor(expected))
     assert pwa.steps == 1
 
 

@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from sdpgo_timm import DLB_PRESET, SDPGOTask, create_model, create_skd_task, half_batch_size
+from sdpgo_timm import DLB_PRESET, SDPGOTask, create_model_and_task, create_skd_task, half_batch_size
 from sdpgo_timm.sil import per_sample_kl
 
 ARCHS = [
@@ -246,12 +246,12 @@ def test_grad_accumulation_with_loss_scale():
 
 
 def test_create_model_returns_model_and_task():
-    model, task = create_model('resnet18', num_classes=4, sdpgo_topk=1, sdpgo_temperature=2.0)
+    model, task = create_model_and_task('resnet18', num_classes=4, sdpgo_topk=1, sdpgo_temperature=2.0)
     assert isinstance(task, SDPGOTask) and task.topk == 1 and task.temperature == 2.0
     assert task.get_eval_model() is model
-    plain_model, plain_task = create_model('resnet18', num_classes=4, sdpgo=False)
+    plain_model, plain_task = create_model_and_task('resnet18', num_classes=4, sdpgo=False)
     assert type(plain_task).__name__ == 'ClassificationTask'
-    _, dlb = create_model('resnet18', num_classes=4, skd='dlb')
+    _, dlb = create_model_and_task('resnet18', num_classes=4, skd='dlb')
     assert dlb.weighting == 'additive' and dlb.alpha_mode == 'fixed'
 
 

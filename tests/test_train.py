@@ -14,7 +14,7 @@ import timm
 from sdpgo_timm.runner.checkpoint import load_checkpoint_file
 from sdpgo_timm.data import DigitsDataset
 from sdpgo_timm.data.replay import ReplayBatchSampler
-from sdpgo_timm.runner.builders import resolve_data_path
+from sdpgo_timm.runner.builders import resolve_feed
 from conftest import FAST, ROOT, assert_same_weights, run_train, run_validate, summary
 
 TIMM_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
@@ -142,10 +142,10 @@ class _Stream(IterableDataset):
 def test_views_replay_needs_an_indexable_dataset(tmp_path, monkeypatch, error_lines):
     args = type('Args', (), {'sdpgo_replay': 'views', 'sdpgo': True, 'skd': None})()
     with pytest.raises(ValueError, match='--sdpgo-replay tensors'):
-        resolve_data_path(args, _Stream())
+        resolve_feed(args, _Stream())
     args.sdpgo_replay = 'auto'
-    assert resolve_data_path(args, _Stream()) == 'tensors'
-    assert resolve_data_path(args, DigitsDataset('validation')) == 'views'
+    assert resolve_feed(args, _Stream()) == 'tensors'
+    assert resolve_feed(args, DigitsDataset('validation')) == 'views'
 
     import train
     monkeypatch.setattr(train, 'create_split_dataset', lambda args, split, is_training: _Stream())

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-_NOISE_MODES = ('sym', 'asym')
+NOISE_MODES = ('sym', 'asym')
 
 
 def apply_label_noise(
@@ -33,8 +33,8 @@ def apply_label_noise(
         flip_map: Target class of each class under 'asym' noise; a class mapped to itself
             stays clean. None: class c -> (c + 1) % num_classes.
     """
-    if mode not in _NOISE_MODES:
-        raise ValueError(f'Unknown label noise mode {mode!r}, expected one of {_NOISE_MODES}.')
+    if mode not in NOISE_MODES:
+        raise ValueError(f'Unknown label noise mode {mode!r}, expected one of {NOISE_MODES}.')
     if not 0. <= eta < 1.:
         raise ValueError(f'Label noise rate must be in [0, 1), got {eta}.')
     if num_classes < 2:

@@ -24,6 +24,7 @@ from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
 from ..compat import timm_worker_init
 from ..protocol import Batch
+from ..task import half_batch_size
 
 __all__ = ['ReplayBatchSampler', 'ReplayLoader', 'create_replay_loader', 'IndexedLoader', 'create_indexed_loader',
            'ReplayMixup']
@@ -60,10 +61,6 @@ class ReplayBatchSampler(Sampler[List[int]]):
             seed: int = 0,
             drop_last: bool = True,
     ):
-        if batch_size <= 0 or batch_size % 2:
-            raise ValueError(
-                f'--batch-size must be a positive even number in views replay mode '
-                f'(half replay, half fresh), got {batch_size}.')
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
@@ -73,7 +70,7 @@ class ReplayBatchSampler(Sampler[List[int]]):
             raise ValueError(f'rank {rank} is outside [0, {num_replicas}).')
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.fresh_size = batch_size // 2
+        self.fresh_size = half_batch_size(batch_size)
         self.num_replicas = num_replicas
         self.rank = rank
         self.shuffle = shuffle

@@ -17,9 +17,12 @@ import yaml
 from timm.utils import ParseKwargs
 
 from ..data.benchmarks import BENCHMARKS, recipe_path
+from ..data.noise import NOISE_MODES
+from ..sil import WEIGHTINGS
+from ..skd import SKD_NAMES
+from ..task import ALPHA_MODES, REPLAY_MODES
 from .errors import ConfigError
 
-SKD_CHOICES = ('sdpgo', 'dlb', 'dlb2', 'pskd')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -58,7 +61,7 @@ def _add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
                            help='noise on the training labels, share ETA in [0, 1) (in-memory benchmarks: digits, '
                                 'fashion-mnist; seeded by --seed)')
-        group.add_argument('--label-noise-mode', default='sym', choices=('sym', 'asym'),
+        group.add_argument('--label-noise-mode', default='sym', choices=NOISE_MODES,
                            help='label noise: sym (uniform over other classes) or asym (class flips: digits c -> c+1; '
                                 'fashion-mnist T-shirt<->Shirt, Pullover<->Coat, Sandal<->Sneaker)')
         group.add_argument('--train-fraction', default=1.0, type=float, metavar='F',
@@ -232,7 +235,7 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
 def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Self-distillation (SDPGO) parameters')
     group.add_argument('--sdpgo', action='store_true', default=False, help='train with SDPGO self-distillation')
-    group.add_argument('--skd', type=str, default=None, choices=SKD_CHOICES,
+    group.add_argument('--skd', type=str, default=None, choices=SKD_NAMES,
                        help='self-distillation method: sdpgo (same as --sdpgo), dlb (DLB preset, one forward), '
                             'dlb2 (DLB as its authors run it, two forwards), pskd (PS-KD)')
     group.add_argument('--sdpgo-temperature', type=float, default=3.0, help='softmax temperature tau (default: 3)')
@@ -241,16 +244,16 @@ def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--sdpgo-beta', type=float, default=0.9, help='EMA rate of PWA lambda and moments (default: 0.9)')
     group.add_argument('--sdpgo-layers', type=str, nargs='+', default=None,
                        help='modules to tap for PWA (default: the last two feature levels)')
-    group.add_argument('--sdpgo-alpha-mode', type=str, default='pwa', choices=('pwa', 'fixed'),
+    group.add_argument('--sdpgo-alpha-mode', type=str, default='pwa', choices=ALPHA_MODES,
                        help='per-sample alpha from PWA, or the fixed --sdpgo-alpha')
     group.add_argument('--sdpgo-alpha', type=float, default=0.5, help='alpha when --sdpgo-alpha-mode fixed')
     group.add_argument('--sdpgo-alpha-min', type=float, default=0.0, help='lower clamp of PWA alpha')
     group.add_argument('--sdpgo-alpha-max', type=float, default=1.0, help='upper clamp of PWA alpha')
     group.add_argument('--sdpgo-alpha-warmup', type=int, default=0, metavar='STEPS',
                        help='ramp the replay half\'s alpha linearly from 0 over the first STEPS training steps (0: off)')
-    group.add_argument('--sdpgo-weighting', type=str, default='complementary', choices=('complementary', 'additive'),
+    group.add_argument('--sdpgo-weighting', type=str, default='complementary', choices=WEIGHTINGS,
                        help='replayed loss: (1-a)CE + a t^2 KL, or CE + a t^2 KL (DLB)')
-    group.add_argument('--sdpgo-replay', type=str, default='auto', choices=('auto', 'views', 'tensors'),
+    group.add_argument('--sdpgo-replay', type=str, default='auto', choices=('auto', *REPLAY_MODES),
                        help='replay re-augmented views (indexable datasets) or cached tensors (auto: views if possible)')
     group.add_argument('--pskd-alpha-t', type=float, default=0.8, help='PS-KD final alpha_T (default: 0.8)')
 

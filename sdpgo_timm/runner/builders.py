@@ -34,7 +34,7 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
-def resolve_data_path(args: argparse.Namespace, dataset: Dataset) -> Optional[str]:
+def resolve_feed(args: argparse.Namespace, dataset: Dataset) -> Optional[str]:
     """How the training loader feeds the task.
 
     None: plain batches (CE). 'indexed': batches with sample indices (PS-KD's per-sample table).
@@ -65,13 +65,13 @@ def resolve_data_path(args: argparse.Namespace, dataset: Dataset) -> Optional[st
 def create_train_task(
         args: argparse.Namespace,
         model: nn.Module,
-        data_path: Optional[str],
+        feed: Optional[str],
         device: torch.device,
         num_samples: int = 0,
 ) -> TrainingTask:
     """ClassificationTask with timm's loss choice, or the self-distillation task of --sdpgo/--skd.
 
-    `data_path` comes from resolve_data_path; `num_samples` (the training set size) sizes PS-KD's table.
+    `feed` comes from resolve_feed; `num_samples` (the training set size) sizes PS-KD's table.
     """
     method = skd_method(args)
     mixup = mixup_active(args)
@@ -92,7 +92,7 @@ def create_train_task(
         temperature=args.sdpgo_temperature, topk=args.sdpgo_topk, beta=args.sdpgo_beta, layers=args.sdpgo_layers,
         alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
         alpha_max=args.sdpgo_alpha_max, alpha_warmup=args.sdpgo_alpha_warmup, weighting=args.sdpgo_weighting,
-        replay=data_path, smoothing=smoothing)
+        replay=feed, smoothing=smoothing)
     return create_skd_task(model, method, device=device, **options)
 
 
@@ -112,7 +112,7 @@ def create_train_loader(
         dataset: Dataset,
         data_config: dict,
         device: torch.device,
-        data_path: Optional[str],
+        feed: Optional[str],
 ) -> ResumableLoader:
     """The training loader, resumable mid-epoch."""
     common = dict(
@@ -126,16 +126,16 @@ def create_train_loader(
         worker_seeding=args.worker_seeding,
         # fresh workers each epoch: their seeds then follow the per-epoch reseed, so a resume is exact
         persistent_workers=False)
-    if data_path == 'views':
+    if feed == 'views':
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
             num_replicas=args.world_size, rank=args.rank, **common)
         return ResumableLoader(loader)
-    batch_size = half_batch_size(args.batch_size) if data_path == 'tensors' else args.batch_size
-    if data_path == 'tensors' and mixup_active(args) and batch_size % 2:
+    batch_size = half_batch_size(args.batch_size) if feed == 'tensors' else args.batch_size
+    if feed == 'tensors' and mixup_active(args) and batch_size % 2:
         raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
                          "must be a multiple of 4")
-    create = create_indexed_loader if data_path == 'indexed' else create_loader
+    create = create_indexed_loader if feed == 'indexed' else create_loader
     loader = create(
         dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
     return ResumableLoader(loader)

@@ -16,6 +16,7 @@ from ..task import SDPGOTask
 
 SKD_PRESETS: Dict[str, Dict[str, Any]] = {'sdpgo': {}, 'dlb': DLB_PRESET}
 SKD_TASKS: Dict[str, Type[TrainingTask]] = {'dlb2': DLBTwoForwardTask, 'pskd': PSKDTask}
+SKD_NAMES = (*SKD_PRESETS, *SKD_TASKS)
 
 
 def create_skd_task(model: nn.Module, skd: str = 'sdpgo', **kwargs) -> TrainingTask:
@@ -27,5 +28,5 @@ def create_skd_task(model: nn.Module, skd: str = 'sdpgo', **kwargs) -> TrainingT
     if skd in SKD_TASKS:
         return SKD_TASKS[skd](model, **kwargs)
     if skd not in SKD_PRESETS:
-        raise ValueError(f"skd must be one of {(*SKD_PRESETS, *SKD_TASKS)}, got {skd!r}")
+        raise ValueError(f"skd must be one of {SKD_NAMES}, got {skd!r}")
     return SDPGOTask(model, **{**kwargs, **SKD_PRESETS[skd]})

@@ -55,7 +55,7 @@ class DLBTwoForwardTask(SDPGOTask):
             loss_sil, alpha = replay['loss_sil'], self.cache.alpha.mean()
             logits, ce = torch.cat([replay_logits, fresh_logits]), torch.cat([replay_ce, fresh_ce])
         if torch.is_grad_enabled():
-            self.cache = self._next_cache(input, target, index, logits, [], num_replay, loss_scale)
+            self.cache = self._next_cache(input, target, index, logits, [], fresh_start=num_replay, loss_scale=loss_scale)
         return dict(
             loss=loss,
             output=logits,
