@@ -29,7 +29,6 @@ from timm.models import (
     get_pretrained_cfg,
     is_model,
     parse_model_name,
-    resolve_model_input_args,
     save_for_hf,
     split_model_name_tag,
 )
@@ -188,10 +187,13 @@ def _model_from_checkpoint(path: Path, use_ema: bool):
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in checkpoint:
         raise ValueError(f"{str(path)!r} has no EMA weights ('state_dict_ema'): push without --use-ema.")
-    kwargs = dict(args.get('model_kwargs') or {})
-    kwargs.update(num_classes=_num_classes(arch, clean_state_dict(checkpoint[key]), args, path),
-                  in_chans=args.get('in_chans'), global_pool=args.get('gp'))
-    model = timm.create_model(**resolve_model_input_args(arch, args, **kwargs), pretrained=False)
+    from ..runner.setup import create_timm_model  # here: runner.setup imports this package's pretrained tags
+    # the model as training built it (the one builder of train.py and validate.py), without its start-up weights
+    build = argparse.Namespace(**{
+        'gp': None, 'model_kwargs': {}, **args, 'model': arch, 'pretrained': False, 'pretrained_path': None,
+        'initial_checkpoint': '', 'fast_norm': False, 'grad_checkpointing': False,
+        'num_classes': _num_classes(arch, clean_state_dict(checkpoint[key]), args, path)})
+    model = create_timm_model(build)
     load_weights_into(model, checkpoint, str(path), f"timm.create_model({arch!r}) of the checkpoint's args",
                       use_ema=use_ema)
     return model, args, checkpoint.get('epoch')
