@@ -75,6 +75,10 @@ parser.add_argument('--num-samples', type=int,
                     help='dataset length: PS-KD table rows and sampler range (default: 50000)')
 parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:i]' (default: cpu)")
 parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for forward and loss')
+parser.add_argument('--channels-last', action='store_true', help='channels_last memory format (model and input)')
+parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND', help=(
+    "torch.compile (default backend inductor): the model for CE/PS-KD, the SKD tasks' regional compile around "
+    "their taps"))
 parser.add_argument('--threads', type=int, help=(
     f'torch CPU threads (default: {torch.get_num_threads()}; 1 with --quick, steadier on a busy machine)'))
 parser.add_argument('--seed', type=int, default=0)
@@ -163,29 +167,45 @@ class StepRunner:
         torch.manual_seed(args.seed)
         model = timm.create_model(model_name, **model_kwargs(model_name, args.img_size, args.num_classes))
         model.to(device).train()
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.method = method
         self.device = device
         self.task = create_task(method, model, args.num_samples, device)
+        if args.compile:  # the SKD tasks compile around their taps; timm's tasks compile the model
+            self.task.compile(backend=args.compile)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         generator = torch.Generator().manual_seed(args.seed)
         self.input = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
+        if args.channels_last:
+            self.input = self.input.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, args.num_classes, (args.num_samples,), generator=generator).to(device)
         self.indices = index_stream(method, args.num_samples, args.batch_size, args.seed)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
 
     def step(self) -> float:
-        """Seconds of one optimizer step; the batch is sliced and indexed before the clock starts."""
+        """Seconds of one optimizer step; the batch is sliced and indexed before the clock starts.
+
+        On CUDA the step is timed with CUDA events around it (device time, no host sync inside the step).
+        """
         index = next(self.indices).to(self.device)
         input, target = self.input[:len(index)], self.labels[index]
         indexed = self.method not in ('ce', 'ce_ls')
+        cuda = self.device.type == 'cuda'
         synchronize(self.device)
+        if cuda:
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             out = self.task(input, target, index) if indexed else self.task(input, target)
         out['loss'].backward()
         self.optimizer.step()
-        synchronize(self.device)
+        if cuda:
+            end_event.record()
+            end_event.synchronize()
+            return start_event.elapsed_time(end_event) / 1e3
         return time.perf_counter() - start
 
 
@@ -230,6 +250,8 @@ def measure_memory(model_name: str, method: str, args: argparse.Namespace) -> Di
         '--num-classes', str(args.num_classes), '--num-samples', str(args.num_samples),
         '--device', args.device, '--threads', str(max(1, args.threads // args.mem_jobs)), '--seed', str(args.seed)]
     command += ['--amp'] if args.amp else []
+    command += ['--channels-last'] if args.channels_last else []
+    command += ['--compile', args.compile] if args.compile else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"memory run {' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -250,6 +272,7 @@ def summarize(model_name: str, times: Dict[str, List[float]], memory: Dict[str, 
             timings=len(times[method]), step_ms=1e3 * step, step_iqr_ms=1e3 * (q3 - q1),
             step_min_ms=1e3 * min(times[method]),
             step_ratio=step / ce_time, epoch_ratio=step / ce_time * args.batch_size / fresh,
+            img_per_sec=args.batch_size / step,
             peak_mib=memory[method]['peak_mib'], memory_ratio=memory[method]['peak_mib'] / ce_memory,
             base_mib=memory[method]['base_mib']))
     return rows
@@ -263,16 +286,17 @@ def markdown(rows: List[dict], args: argparse.Namespace) -> str:
         f'`python benchmarks/step_cost.py {args.command}`', '',
         f'device {args.device} ({args.threads} CPU threads), torch {torch.__version__}, '
         f'timm {timm.__version__}; {args.img_size} px, model batch n = {args.batch_size}, '
-        f"{args.num_classes} classes, {'bf16 autocast' if args.amp else 'fp32'}, SGD; "
+        f"{args.num_classes} classes, {'bf16 autocast' if args.amp else 'fp32'}"
+        f"{', channels_last' if args.channels_last else ''}{f', torch.compile ({args.compile})' if args.compile else ''}, SGD; "
         f'{args.warmup} warm-up steps, then {args.repeats} timed steps per method, interleaved.', '',
-        '| model | method | fresh/step | step ms (median) | IQR ms | min ms | step / CE | epoch / CE '
+        '| model | method | fresh/step | step ms (median) | IQR ms | min ms | img/s | step / CE | epoch / CE '
         '| peak MiB | memory / CE | of which before the model MiB |',
-        '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+        '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['label']} | {r['fresh_per_step']} | {r['step_ms']:.1f} | {r['step_iqr_ms']:.1f} "
-            f"| {r['step_min_ms']:.1f} | {r['step_ratio']:.3f} | {r['epoch_ratio']:.3f} | {r['peak_mib']:.0f} "
+            f"| {r['step_min_ms']:.1f} | {r['img_per_sec']:.0f} | {r['step_ratio']:.3f} | {r['epoch_ratio']:.3f} | {r['peak_mib']:.0f} "
             f"| {r['memory_ratio']:.3f} | {r['base_mib']:.0f} |")
     lines += [
         '',

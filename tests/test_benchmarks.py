@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from conftest import ROOT
 
 def test_step_cost_quick_reports_every_method_against_ce(tmp_path):
     # the script runs in this process (one torch import saved); its memory runs are fresh processes anyway
@@ -35,3 +36,19 @@ def test_step_cost_quick_reports_every_method_against_ce(tmp_path):
     assert float(ce['step_ratio']) == 1.0 and float(ce['memory_ratio']) == 1.0
     table = out_md.read_text()
     assert table.count('| resnet18 |') == 6 and 'epoch ratio = 2 x step ratio' in table
+
+
+def test_gpu_check_dry_run_runs_its_steps_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: the prepared GPU script's steps, wired and passing on the CPU."""
+    import subprocess
+    import sys
+    steps = ['env', 'cuda_tests', 'train_bf16_compiled', 'validate', 'step_cost_compiled']
+    done = subprocess.run([sys.executable, 'benchmarks/gpu_check.py', str(tmp_path), '--dry-run', '--steps', *steps],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / 'summary.md').read_text()
+    assert all(f'| {step} | ok |' in summary for step in steps), summary
+    table = (tmp_path / 'step_cost_compiled.md').read_text()
+    assert 'torch.compile (aot_eager)' in table and '| SDPGO |' in table and 'img/s' in table
+    assert 'top1' in (tmp_path / 'validate.log').read_text()
