@@ -91,7 +91,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
@@ -145,7 +146,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
-            log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch))
+            log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch),
+            synchronize_step=args.synchronize_step)
         meter = None
         num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0

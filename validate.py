@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 import torch
 from timm.data import resolve_data_config
+from timm.utils import random_seed
 
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.runner import errors
@@ -58,6 +59,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     model = create_eval_model(args, dataset, checkpoint, path)
     param_count = sum(p.numel() for p in model.parameters())
     real_labels = create_real_labels(args.real_labels, dataset, model.num_classes) if args.real_labels else None
+    random_seed(args.seed)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
     model.to(device)
     if args.channels_last:

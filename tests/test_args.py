@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from sdpgo_timm import args as args_module
+from sdpgo_timm.runner import args as args_module
 from sdpgo_timm.runner.args import (
     ConfigError, create_parser, create_validate_parser, parse_args, parse_validate_args, resolve_eval_args)
 from sdpgo_timm.data import benchmarks

@@ -70,6 +70,18 @@ def test_other_split_and_explicit_data_config(sdpgo_run, capsys):
     assert result['split'] == 'train' and result['img_size'] == 24
 
 
+def test_crop_mode_and_border_reach_timms_eval_transform(sdpgo_run, capsys):
+    """timm's --crop-mode / --crop-border-pixels reach the eval transform: cropping borders changes the input;
+    squashing a square image is its center crop."""
+    losses = {}
+    for name, extra in (('center', []), ('squash', ['--crop-mode', 'squash']), ('border', ['--crop-border-pixels', '2'])):
+        assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--crop-pct', '0.6',
+                             '--workers', '0', '--seed', '1', *extra]) == 0
+        result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+        losses[name] = result['loss']
+    assert losses['squash'] == losses['center'] and losses['border'] != losses['center']
+
+
 def test_channels_last_and_amp_run_on_cpu(sdpgo_run, capsys):
     assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--channels-last', '--amp',
                          '--amp-dtype', 'bfloat16', '--device', 'cpu', '--workers', '0']) == 0

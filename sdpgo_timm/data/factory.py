@@ -79,7 +79,8 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
     dataset = create_dataset(
         args.dataset, root=data_dir, split=split, is_training=is_training, class_map=args.class_map,
         download=args.dataset_download, batch_size=args.batch_size, seed=seed,
-        num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB')
+        num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB', input_key=args.input_key,
+        target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data_dir!r} holds no images")
     if isinstance(dataset, ImageDataset):

@@ -57,6 +57,10 @@ def _add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> No
                        help='allow download of dataset for torch/ and tfds/ datasets that support it.')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images.')
+    group.add_argument('--input-key', default=None, type=str, help='dataset key for input images (hfds/wds datasets)')
+    group.add_argument('--target-key', default=None, type=str, help='dataset key for the target (hfds/wds datasets)')
+    group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                       help='allow a Hugging Face dataset to run its own loading code')
     if training:
         group.add_argument('--label-noise', default=0.0, type=float, metavar='ETA',
                            help='noise on the training labels, share ETA in [0, 1) (in-memory benchmarks: digits, '
@@ -107,6 +111,11 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('--use-train-size', action='store_true', default=False,
                            help="use the model's train input size even when it has a test input size")
     group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation center crop percent')
+    if not training:
+        group.add_argument('--crop-mode', default=None, type=str, metavar='N',
+                           help='evaluation crop: center, squash or border (default: the model\'s, else center)')
+        group.add_argument('--crop-border-pixels', type=int, default=None, help='crop this many pixels off each border')
+        group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
@@ -268,7 +277,12 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
                            help='number of checkpoints to keep')
         group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                            help='save a recovery checkpoint every N optimizer steps, to resume mid-epoch (0: off)')
+        group.add_argument('--local_rank', default=0, type=int,
+                           help='ignored: torchrun sets LOCAL_RANK (accepted for torch.distributed.launch lines)')
+        group.add_argument('--synchronize-step', action='store_true', default=False,
+                           help='synchronize the device after each optimizer step (timing, debugging)')
     else:
+        group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
         group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
         group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                            help='write the results to this .csv or .json file')
@@ -288,6 +302,8 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='best metric')
     group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend')
     group.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url')
+    group.add_argument('--no-ddp-bb', action='store_true', default=False,
+                       help='DistributedDataParallel without broadcasting buffers (broadcast_buffers=False)')
     group.add_argument('--push-to-hub', default=None, type=str, metavar='REPO_ID',
                        help='push the best (EMA if tracked) checkpoint to this Hub repository when training ends')
 

@@ -126,12 +126,14 @@ def train_one_epoch(
         log_enabled: bool = True,
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
+        synchronize_step: bool = False,
 ) -> Dict[str, float]:
     """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
-    loader must start there); `on_step(num_updates, meter)` runs after each optimizer step.
+    loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
+    is synchronized if `synchronize_step` (timm's --synchronize-step).
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
@@ -179,6 +181,8 @@ def train_one_epoch(
             meter.steps += 1
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
+            if synchronize_step and device.type == 'cuda':
+                torch.cuda.synchronize(device)
             if on_step is not None:
                 on_step(num_updates, meter)
         if progress.due(batch_idx):

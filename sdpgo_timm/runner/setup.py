@@ -145,7 +145,9 @@ def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: 
         batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
         std=data_config['std'], num_workers=args.workers, distributed=getattr(args, 'distributed', False),
-        crop_pct=data_config['crop_pct'], pin_memory=getattr(args, 'pin_mem', False), device=device,
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
+        crop_border_pixels=getattr(args, 'crop_border_pixels', None), pin_memory=getattr(args, 'pin_mem', False),
+        device=device,
         use_prefetcher=not getattr(args, 'no_prefetcher', False))
 
 
