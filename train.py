@@ -67,7 +67,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     feed = resolve_feed(args, dataset_train)
     task = create_train_task(args, model, feed, device, num_samples=len(dataset_train))
     resolve_lr(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
     amp_autocast, amp_dtype = create_autocast(args, device)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None

@@ -173,3 +173,17 @@ def test_eval_input_size_options_come_from_one_source():
     args = resolve_eval_args(parse_validate_args(['digits', '--img-size', '24']), saved)
     assert (args.img_size, args.input_size, args.in_chans) == (24, None, None)
     assert any({'img_size', 'input_size'} <= set(group) for group in args_module.EVAL_ARGS)
+
+
+def test_opt_kwargs_keeps_timms_name_and_reaches_the_optimizer(tmp_path):
+    """--opt-kwargs is saved as timm's `opt_kwargs` (so timm's args.yaml key reads back) and reaches the optimizer."""
+    from sdpgo_timm.runner.args import parse_args
+    args, text = parse_args(['digits', '--opt', 'adamw', '--opt-kwargs', 'betas=(0.8,0.95)'])
+    assert args.opt_kwargs == {'betas': (0.8, 0.95)} and 'opt_kwargs:' in text and 'opt_args' not in text
+    config = tmp_path / 'timm_args.yaml'
+    config.write_text('opt_kwargs:\n  eps: 1.0e-06\n')
+    assert parse_args(['digits', '-c', str(config)])[0].opt_kwargs == {'eps': 1e-06}
+    import timm
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    optimizer = create_optimizer_v2(timm.create_model('test_resnet'), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    assert optimizer.defaults['betas'] == (0.8, 0.95)

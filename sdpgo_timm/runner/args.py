@@ -155,8 +155,8 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
     group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: norm, value, agc')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
-    group.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default=None, action=ParseKwargs,
-                       help='extra optimizer kwargs, key=value')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra optimizer kwargs, key=value (saved as opt_kwargs, as timm does)')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler')
