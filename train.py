@@ -154,6 +154,14 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
+        if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:
+            # timm's --val-interval: no evaluation, checkpoint or summary row this epoch (a stop signal is
+            # answered after the next step, with a recovery checkpoint)
+            lr_scheduler.step(epoch + 1, None)
+            if primary:
+                _logger.info(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}; no evaluation or checkpoint "
+                             f"(--val-interval {args.val_interval})")
+            continue
         eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
                                 channels_last=args.channels_last, distributed=args.distributed,
                                 world_size=args.world_size)

@@ -233,3 +233,12 @@ def test_resume_in_place_keeps_the_best_checkpoint(sdpgo_run, tmp_path, monkeypa
     best = load_checkpoint_file(str(run / 'model_best.pth.tar'))
     assert best['epoch'] == 1 and best['metric'] == best_before['metric']
     assert sorted(p.name for p in run.glob('checkpoint-*')) == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar']
+
+
+def test_val_interval_evaluates_and_checkpoints_every_n_epochs_and_the_last(tmp_path):
+    """timm's --val-interval 2 over 3 epochs: epochs 1 and 2 are evaluated, saved and summarised; epoch 0 is not."""
+    assert run_train(['digits', '--epochs', '3', '--val-interval', '2', *FAST, '--output', str(tmp_path),
+                      '--experiment', 'vi']) == 0
+    assert [r['epoch'] for r in summary(tmp_path / 'vi')] == ['1', '2']
+    assert sorted(p.name for p in (tmp_path / 'vi').glob('checkpoint-*.pth.tar')) == [
+        'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']

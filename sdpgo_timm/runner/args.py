@@ -275,6 +275,8 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
         group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                            help='number of checkpoints to keep')
+        group.add_argument('--val-interval', type=int, default=1, metavar='N',
+                           help='epochs between evaluation and checkpointing (the last epoch always has both)')
         group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                            help='save a recovery checkpoint every N optimizer steps, to resume mid-epoch (0: off)')
         group.add_argument('--local_rank', default=0, type=int,
@@ -405,7 +407,8 @@ def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str)
 
 # options that must lie in a range: (name, minimum)
 _TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('lr', 0), ('workers', 0), ('grad_accum_steps', 1),
-                 ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0))
+                 ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0),
+                 ('val_interval', 1))
 _VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0))
 
 
