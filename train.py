@@ -32,6 +32,7 @@ from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
+from sdpgo_timm.runner.tracking import start_wandb
 from sdpgo_timm.runner.setup import (
     check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, setup_script_logging)
@@ -106,6 +107,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             lr_scheduler.step(point.epoch)
 
     output_dir = saver = None
+    log_wandb = False
     if primary:
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
@@ -113,6 +115,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), output_dir)
         create_output_dir(output_dir, args_text, in_place, cleanup)
+        log_wandb = start_wandb(args, exp_name)
         saver = TrainCheckpointSaver(
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
             recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
@@ -184,7 +187,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             # a run stopped between the two writes gets the row back when it resumes
             row = dict(epoch=epoch, train=train_metrics, eval=eval_metrics, lr=lr)
             best = saver.save_checkpoint(epoch, metric=metric, extra={**extra, SUMMARY_ROW: row})
-            append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr)
+            append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr,
+                           log_wandb=log_wandb)
         if epoch + 1 < num_epochs and preemption.stopping(wait=True):
             raise Preempted(f"preempted by {preemption.name} at the end of epoch {epoch}; its checkpoint is "
                             "saved. Resume with the same command and --resume auto.")

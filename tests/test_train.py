@@ -242,3 +242,24 @@ def test_val_interval_evaluates_and_checkpoints_every_n_epochs_and_the_last(tmp_
     assert [r['epoch'] for r in summary(tmp_path / 'vi')] == ['1', '2']
     assert sorted(p.name for p in (tmp_path / 'vi').glob('checkpoint-*.pth.tar')) == [
         'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+
+
+def test_log_wandb_logs_every_row_with_the_sdpgo_columns_and_is_optional(tmp_path, monkeypatch, caplog):
+    """--log-wandb through timm's update_summary; without the package one warning line, and the run goes on."""
+    import sys
+    import types
+    import timm.utils.summary
+    calls = {'init': [], 'log': []}
+    fake = types.SimpleNamespace(init=lambda **kw: calls['init'].append(kw), log=lambda row: calls['log'].append(row))
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    monkeypatch.setattr(timm.utils.summary, 'wandb', fake, raising=False)
+    assert run_train(['digits', '--sdpgo', '--epochs', '1', *FAST, '--output', str(tmp_path), '--experiment', 'w',
+                      '--log-wandb', '--wandb-project', 'p', '--wandb-tags', 'a', 'b']) == 0
+    init, = calls['init']
+    assert init['project'] == 'p' and init['tags'] == ['a', 'b'] and init['name'] == 'w' and init['config']['sdpgo']
+    row, = calls['log']
+    assert {'epoch', 'train_loss', 'train_loss_sil', 'train_alpha', 'eval_top1', 'lr'} <= set(row)
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # not installed: import fails
+    assert run_train(['digits', '--epochs', '1', *FAST, '--output', str(tmp_path), '--experiment', 'nw',
+                      '--log-wandb']) == 0
+    assert any('the wandb package is not installed' in r.getMessage() for r in caplog.records)

@@ -306,6 +306,12 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
     group.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url')
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
                        help='DistributedDataParallel without broadcasting buffers (broadcast_buffers=False)')
+    group.add_argument('--log-wandb', action='store_true', default=False,
+                       help='log each epoch\'s summary row (SDPGO columns included) to wandb, if installed')
+    group.add_argument('--wandb-project', default=None, type=str, help='wandb project name')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID',
+                       help='the wandb run to continue (with --resume)')
     group.add_argument('--push-to-hub', default=None, type=str, metavar='REPO_ID',
                        help='push the best (EMA if tracked) checkpoint to this Hub repository when training ends')
 
@@ -439,6 +445,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     if first.img_size is not None and first.input_size is None and args.input_size is not None:
         # --img-size on the command line beats an input_size from the recipe or config file, keeping its channels
         args.input_size = [args.input_size[0], args.img_size, args.img_size]
+    if args.wandb_resume_id and not args.resume:
+        raise ConfigError("--wandb-resume-id continues a wandb run: give --resume too")
     if not 0. < args.train_fraction <= 1.:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume == 'auto' and not args.experiment:

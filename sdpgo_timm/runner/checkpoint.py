@@ -100,14 +100,16 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
-def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: str, lr: float) -> None:
-    """timm's update_summary row, written atomically: earlier rows survive any crash or failed write."""
+def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: str, lr: float,
+                   log_wandb: bool = False) -> None:
+    """timm's update_summary row, written atomically: earlier rows survive any crash or failed write; with
+    `log_wandb` timm's update_summary also logs the row to the active wandb run."""
     def write(f):
         if os.path.exists(path):
             with open(path, 'rb') as old:
                 shutil.copyfileobj(old, f)
         f.flush()
-        update_summary(epoch, train_metrics, eval_metrics, f.name, lr=lr)
+        update_summary(epoch, train_metrics, eval_metrics, f.name, lr=lr, log_wandb=log_wandb)
     atomic_write(path, write)
 
 
