@@ -226,6 +226,13 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
                        help='turn off mixup after this epoch, disabled if 0')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    group.add_argument('--bce-loss', action='store_true', default=False,
+                       help="timm's BCE loss with Mixup/CutMix or smoothing (with --sdpgo/--skd: each sample's task "
+                            "loss, summed over classes as with --bce-sum)")
+    group.add_argument('--bce-sum', action='store_true', default=False, help='sum over classes when using BCE loss')
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='threshold for binarizing softened BCE targets (default: None, disabled)')
+    group.add_argument('--bce-pos-weight', type=float, default=None, help='positive weighting for BCE loss')
     group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')

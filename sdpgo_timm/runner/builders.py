@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, IterableDataset
 
 from timm.data import Mixup, create_loader
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask, TrainingTask
 
 from ..skd import create_skd_task
@@ -75,8 +75,14 @@ def create_train_task(
     """
     method = skd_method(args)
     mixup = mixup_active(args)
+    # timm's train.py uses BCE only where targets are soft (Mixup/CutMix) or smoothed
+    bce = args.bce_loss and (mixup or args.smoothing)
+    bce_options = dict(target_threshold=args.bce_target_thresh, pos_weight=args.bce_pos_weight)
     if method is None:
-        if mixup:
+        if bce:
+            criterion = BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, sum_classes=args.bce_sum,
+                                           **bce_options)
+        elif mixup:
             criterion = SoftTargetCrossEntropy()
         elif args.smoothing:
             criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -84,6 +90,9 @@ def create_train_task(
             criterion = nn.CrossEntropyLoss()
         return ClassificationTask(model, criterion=criterion, device=device)
     smoothing = 0.0 if mixup else args.smoothing
+    if method == 'pskd' and bce:
+        raise ValueError("--bce-loss does not combine with --skd pskd (its soft targets are trained with timm's "
+                         "SoftTargetCrossEntropy); drop one of them")
     if method == 'pskd':
         return create_skd_task(
             model, 'pskd', num_samples=num_samples, epochs=args.epochs, alpha_t=args.pskd_alpha_t,
@@ -93,7 +102,25 @@ def create_train_task(
         alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
         alpha_max=args.sdpgo_alpha_max, alpha_warmup=args.sdpgo_alpha_warmup, weighting=args.sdpgo_weighting,
         replay=feed, smoothing=smoothing)
+    if bce:  # the replay and fresh halves' task loss is timm's BCE, per sample
+        options['criterion'] = PerSampleBCE(BinaryCrossEntropy(smoothing=smoothing, reduction='none', **bce_options))
     return create_skd_task(model, method, device=device, **options)
+
+
+class PerSampleBCE(nn.Module):
+    """timm's BinaryCrossEntropy as one loss per sample, summed over classes (timm's `--bce-sum`).
+
+    Always the sum, for a self-distillation task: its distillation term τ²·KL is on cross-entropy's scale,
+    and the class mean (timm's default) is C times smaller, so the distillation term would swamp it (on digits
+    SDPGO then predicts one class; with the sum it trains as with CE). docs/METHOD.md section 5.
+    """
+
+    def __init__(self, bce: BinaryCrossEntropy):
+        super().__init__()
+        self.bce = bce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target).sum(-1)
 
 
 def create_mixup(args: argparse.Namespace, num_classes: int, replay_aware: bool) -> Optional[Mixup]:
