@@ -229,7 +229,7 @@ def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monke
     append_summary(0, {'loss': 1.0}, {'top1': 50.0}, str(csv_path), lr=0.1)
     before = hashes(tmp_path)
 
-    def half_row(epoch, train_metrics, eval_metrics, filename, lr=None):
+    def half_row(epoch, train_metrics, eval_metrics, filename, lr=None, log_wandb=False):
         with open(filename, 'a') as f:
             f.write('1,0.5')
         raise OSError(errno.ENOSPC, 'No space left on device')
