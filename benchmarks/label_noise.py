@@ -239,7 +239,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     table = write_tables(args, argv, conditions, results, rows, time.time() - start)
     Path(args.out_md).write_text(table)
-    title = (f"{args.dataset}, {args.noise} label noise, {args.model}, {args.epochs} epochs {args.extra}: "
+    labels = f"{args.noise} label noise" if any(args.etas) else 'clean labels'
+    title = (f"{args.dataset}, {labels}, {args.model}, {args.epochs} epochs {args.extra}: "
              f"last-epoch {args.eval_split} top-1")
     if not plot(results, conditions, args.noise, args.out_png, title):
         print('matplotlib is not installed: no plot written (pip install -e ".[plot]")', file=sys.stderr)
