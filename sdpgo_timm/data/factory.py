@@ -47,9 +47,8 @@ def _create_in_memory(args: argparse.Namespace, split: str, is_training: bool) -
     them)."""
     options = dict(pad_crop=getattr(args, 'pad_crop', 0), fraction=getattr(args, 'train_fraction', 1.0),
                    fraction_seed=0, label_noise=getattr(args, 'label_noise', 0.0),
-                   noise_mode=getattr(args, 'label_noise_mode', 'sym'), noise_seed=getattr(args, 'seed', 42))
-    if not is_training:
-        options = {}
+                   noise_mode=getattr(args, 'label_noise_mode', 'sym'),
+                   noise_seed=getattr(args, 'seed', 42)) if is_training else {}
     name = _in_memory_split(args.data, split)
     if args.data == 'digits':
         return DigitsDataset(name, **options)

@@ -80,9 +80,8 @@ class TrainMeter:
         self.fresh_seen += fresh
         self.batches += 1
         self.finite &= torch.isfinite(loss.detach())
-        self.sums['loss'] += loss.detach().float() * n
-        for key in self.sums.keys() - {'loss'}:
-            self.sums[key] += out[key].detach().float() * n
+        for key, total in self.sums.items():  # no per-step set or list: this runs every step
+            total += (loss if key == 'loss' else out[key]).detach().float() * n
 
     def means(self) -> Dict[str, float]:
         return {k: v.item() / max(self.model_seen, 1) for k, v in self.sums.items()}
