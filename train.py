@@ -30,7 +30,7 @@ from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, appe
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
 from sdpgo_timm.runner.preemption import PreemptionSignal
-from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
+from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
 from sdpgo_timm.runner.setup import (
@@ -136,8 +136,9 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                         "Run the same command (with --resume auto) to start again.")
     recovery = RecoveryCheckpoints(interval=args.recovery_interval, loader=loader_train, preemption=preemption,
                                    collect=collect, saver=saver, skipped=skipped)
+    if point.rng is not None:  # a resumed run draws what the stopped one would have (no per-epoch reseed, as timm)
+        set_rng_state(point.rng)
     for epoch in range(point.epoch, num_epochs):
-        random_seed(args.seed + epoch, args.rank)  # per-epoch reseed: a resumed run draws what it would have
         loader_train.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
@@ -165,17 +166,19 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                 _logger.info(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}; no evaluation or checkpoint "
                              f"(--val-interval {args.val_interval})")
             continue
-        eval_metrics = validate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
-                                channels_last=args.channels_last, distributed=args.distributed,
-                                world_size=args.world_size)
+        evaluate = partial(validate, loader=loader_eval, device=device, amp_autocast=amp_autocast,
+                           channels_last=args.channels_last, distributed=args.distributed,
+                           world_size=args.world_size, log_interval=args.log_interval if primary else 0)
+        eval_metrics = evaluate(eval_model)
         if task.has_ema() and not args.model_ema_force_cpu:
-            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, device=device,
-                                    amp_autocast=amp_autocast, channels_last=args.channels_last,
-                                    distributed=args.distributed, world_size=args.world_size)
+            ema_model = task.get_trainable_module(ema=True)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(ema_model, args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = evaluate(task.get_eval_model(ema=True), log_suffix=' (EMA)')
         metric = eval_metrics[args.eval_metric]
-        lr_scheduler.step(epoch + 1, metric)
         extra = collect()
         if primary:
+            # the rate the epoch trained with (as timm's summary): read before the scheduler steps to the next one
             lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
             unreadable = f", {train_metrics['skipped']} unreadable skipped" if train_metrics['skipped'] else ''
             _logger.info(
@@ -189,6 +192,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             best = saver.save_checkpoint(epoch, metric=metric, extra={**extra, SUMMARY_ROW: row})
             append_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'), lr=lr,
                            log_wandb=log_wandb)
+        lr_scheduler.step(epoch + 1, metric)
         if epoch + 1 < num_epochs and preemption.stopping(wait=True):
             raise Preempted(f"preempted by {preemption.name} at the end of epoch {epoch}; its checkpoint is "
                             "saved. Resume with the same command and --resume auto.")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, IO, Optional, Tuple
 
 import torch
 
-from timm.utils import CheckpointSaver, update_summary
+from timm.utils import CheckpointSaver
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
 from .errors import CheckpointError, WriteError, one_line
@@ -36,6 +36,7 @@ RANK_STATES = 'task_state_ranks'
 MIXUP_STATE = 'replay_mixup'  # this process's record of the replay half's Mixup
 MIXUP_RANKS = 'replay_mixup_ranks'
 RECOVERY_RANKS = 'recovery_ranks'
+RNG_RANKS = 'rng_ranks'  # every rank's RNG states at an epoch checkpoint: the next epoch starts from them
 SUMMARY_ROW = 'summary_row'  # {'epoch', 'train', 'eval', 'lr'}: the summary.csv row of an epoch checkpoint
 _TMP = '.tmp-'
 _TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
@@ -100,16 +101,43 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
+# timm's summary.csv columns, in timm's order; ours follow them
+_TIMM_SUMMARY = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
+
+
+def summary_row(epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> Dict[str, Any]:
+    """An epoch's summary.csv row: timm's columns (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) in timm's
+    order, then ours (train_<part>, train_steps, ..., eval_img_per_sec)."""
+    row = dict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+               **{f'eval_{k}': v for k, v in eval_metrics.items()}, lr=lr)
+    return {**{k: row[k] for k in _TIMM_SUMMARY if k in row}, **row}
+
+
 def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: str, lr: float,
                    log_wandb: bool = False) -> None:
-    """timm's update_summary row, written atomically: earlier rows survive any crash or failed write; with
-    `log_wandb` timm's update_summary also logs the row to the active wandb run."""
+    """Append an epoch's `summary_row` to summary.csv, written atomically: earlier rows survive any crash or failed
+    write. The columns are the file's own when it exists (a run resumed in place). With `log_wandb` the row is
+    also logged to the active wandb run, as timm's update_summary does."""
+    row = summary_row(epoch, train_metrics, eval_metrics, lr)
+    if log_wandb:
+        import wandb
+        wandb.log(row)
+    header = None
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, newline='') as f:
+            header = next(csv.reader(f), None)
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header or list(row), extrasaction='ignore')
+    if not header:
+        writer.writeheader()
+    writer.writerow(row)
+
     def write(f):
-        if os.path.exists(path):
+        if header:
             with open(path, 'rb') as old:
                 shutil.copyfileobj(old, f)
-        f.flush()
-        update_summary(epoch, train_metrics, eval_metrics, f.name, lr=lr, log_wandb=log_wandb)
+        f.write(text.getvalue().encode())
     atomic_write(path, write)
 
 

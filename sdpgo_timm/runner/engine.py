@@ -13,9 +13,10 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from timm.task import TrainingTask
@@ -28,39 +29,6 @@ from .errors import NonFiniteLossError
 _logger = logging.getLogger(__name__)
 
 
-class Progress:
-    """A one-line progress bar on an interactive terminal, periodic log lines otherwise.
-
-    The text (which reads device values) is only built every `interval` steps, so logging
-    adds no per-step host sync.
-    """
-
-    def __init__(self, total: int, interval: int, enabled: bool = True):
-        self.total = total
-        self.interval = max(1, interval)
-        self.tty = enabled and sys.stderr.isatty()
-        self.enabled = enabled
-        self.text = ''
-
-    def due(self, step: int) -> bool:
-        return step % self.interval == 0 or step + 1 == self.total
-
-    def update(self, step: int, text: Callable[[], str]) -> None:
-        if not self.enabled:
-            return
-        due = self.due(step)
-        if due:
-            self.text = text()
-        if self.tty:
-            filled = int(30 * (step + 1) / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step + 1}/{self.total} {self.text}")
-            if step + 1 == self.total:
-                sys.stderr.write('\n')
-            sys.stderr.flush()
-        elif due:
-            _logger.info(f"[{step + 1:>4d}/{self.total}] {self.text}")
-
-
 class TrainMeter:
     """Running sums of one epoch's loss and the task's loss parts, and its counts, on the device (no per-step
     host sync).
@@ -70,18 +38,21 @@ class TrainMeter:
     """
 
     def __init__(self, device: torch.device, parts: Sequence[str] = ()):
-        self.sums = {k: torch.zeros((), device=device) for k in ('loss', *parts)}
+        # float64, as timm's AverageMeter sums Python floats: the epoch's mean loss is timm's to the last digit
+        self.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ('loss', *parts)}
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.batches = self.steps = self.fresh_seen = self.model_seen = 0
+        self.last: Optional[torch.Tensor] = None  # the latest batch's loss (timm's progress line shows it)
 
     def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, fresh: int) -> None:
         n = len(out['output'])
+        self.last = loss.detach()
         self.model_seen += n
         self.fresh_seen += fresh
         self.batches += 1
         self.finite &= torch.isfinite(loss.detach())
         for key, total in self.sums.items():  # no per-step set or list: this runs every step
-            total += (loss if key == 'loss' else out[key]).detach().float() * n
+            total += (loss if key == 'loss' else out[key]).detach().double() * n
 
     def means(self) -> Dict[str, float]:
         return {k: v.item() / max(self.model_seen, 1) for k, v in self.sums.items()}
@@ -132,16 +103,21 @@ def train_one_epoch(
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
     loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step).
+    is synchronized if `synchronize_step` (timm's --synchronize-step). Progress lines are timm's (`Train:`),
+    every `log_interval` optimizer updates counted from 0 and at the last, with the task's loss parts after
+    timm's fields; under DDP their losses are means over the processes (a collective on every rank).
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
     meter = meter if meter is not None else TrainMeter(device, task.loss_parts if skd else ())
     num_batches = len(loader)
-    progress = Progress(num_batches, log_interval, log_enabled)
+    updates_per_epoch = (num_batches + grad_accum_steps - 1) // grad_accum_steps
+    log = _TrainLog(epoch, updates_per_epoch, log_interval, world_size, grad_accum_steps, log_enabled)
     first_seen = meter.model_seen
     start = time.time()
-    parameters = list(task.get_clip_parameters())
+    # timm leaves the head out of adaptive gradient clipping
+    parameters = list(task.get_clip_parameters(exclude_head='agc' in clip_mode))
+    second_order = getattr(optimizer, 'is_second_order', False)  # e.g. AdaHessian: backward keeps the graph
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
         batch: Batch = as_batch(batch)
@@ -155,6 +131,7 @@ def train_one_epoch(
             input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
+        log.data_ready(len(input))
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
         scale = amp_loss_scale(loss_scaler) / grad_accum_steps
@@ -165,29 +142,32 @@ def train_one_epoch(
             loss = out['loss']
             if loss_scaler is not None:
                 loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                            parameters=parameters, need_update=update)
+                            parameters=parameters, create_graph=second_order, need_update=update)
             else:
-                (loss / grad_accum_steps).backward()
+                (loss / grad_accum_steps).backward(create_graph=second_order)
                 if update:
                     if clip_grad is not None:
                         dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
                     optimizer.step()
         meter.update(out, loss, len(input) - num_replay)
-        if update:
-            optimizer.zero_grad()
-            task.update_ema(step=num_updates)
-            num_updates += 1
-            meter.steps += 1
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            if synchronize_step and device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            if on_step is not None:
-                on_step(num_updates, meter)
-        if progress.due(batch_idx):
-            meter.check_finite(epoch)
-        progress.update(batch_idx, lambda: _status(meter, world_size, start, first_seen))
+        if not update:
+            log.batch_done()
+            continue
+        optimizer.zero_grad()
+        num_updates += 1
+        meter.steps += 1
+        task.update_ema(step=num_updates)  # timm's count: the updates done, this one included
+        if synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        log.update_done(batch_idx // grad_accum_steps, meter, optimizer)
+        if on_step is not None:
+            on_step(num_updates, meter)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        log.batch_done()
 
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
     meter.check_finite(epoch)
     elapsed = time.time() - start
     metrics = meter.means()
@@ -198,11 +178,62 @@ def train_one_epoch(
     return metrics
 
 
-def _status(meter: TrainMeter, world_size: int, start: float, first_seen: int) -> str:
-    means = meter.means()
-    parts = [f"loss {means['loss']:.4f}"] + [f"{k} {v:.3f}" for k, v in means.items() if k != 'loss']
-    rate = (meter.model_seen - first_seen) * world_size / max(time.time() - start, 1e-6)
-    return ' '.join(parts) + f" {rate:.1f} img/s"
+def _mean_over_ranks(values: Sequence[float], world_size: int, device: torch.device) -> List[float]:
+    """`values` averaged over the DDP processes (a collective: every rank calls it at the same place)."""
+    if world_size == 1 or not dist.is_initialized():
+        return list(values)
+    return reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), world_size).tolist()
+
+
+class _TrainLog:
+    """timm's training progress line: update index, loss (latest, running mean), time per update and images per
+    second (latest, mean), learning rate, data-wait time; the task's own loss parts follow timm's fields.
+
+    Times are host time between optimizer updates (the device is not synchronized for them, as in timm's);
+    data time is the wait for each batch, times the accumulation steps (per update, as timm's).
+    """
+
+    def __init__(self, epoch: int, updates_per_epoch: int, interval: int, world_size: int, accum_steps: int,
+                 enabled: bool):
+        self.epoch, self.updates, self.interval = epoch, updates_per_epoch, max(1, interval)
+        self.world_size, self.accum_steps, self.enabled = world_size, accum_steps, enabled
+        self.update_time, self.data_time = AverageMeter(), AverageMeter()
+        self.update_start = self.data_start = time.time()
+        self.samples = 0  # images of the latest update, over all processes
+
+    def data_ready(self, n: int) -> None:
+        """A batch of `n` images (this process) arrived."""
+        self.data_time.update(self.accum_steps * (time.time() - self.data_start))
+        self.samples += n * self.world_size
+
+    def batch_done(self) -> None:
+        self.data_start = time.time()
+
+    def update_done(self, update_idx: int, meter: TrainMeter, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer update ended: time it, and write its line when due (the same updates on every rank)."""
+        now = time.time()
+        self.update_time.update(now - self.update_start)
+        self.update_start = now
+        if update_idx % self.interval == 0 or update_idx + 1 == self.updates:
+            meter.check_finite(self.epoch)
+            self._write(update_idx, meter, optimizer)
+        self.samples = 0
+
+    def _write(self, update_idx: int, meter: TrainMeter, optimizer: torch.optim.Optimizer) -> None:
+        means = meter.means()
+        losses = _mean_over_ranks([meter.last.item(), *means.values()], self.world_size, meter.finite.device)
+        loss_now, means = losses[0], dict(zip(means, losses[1:]))
+        if not self.enabled:
+            return
+        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        t, d = self.update_time, self.data_time
+        parts = ''.join(f"  {k}: {v:#.3g}" for k, v in means.items() if k != 'loss')
+        _logger.info(
+            f"Train: {self.epoch} [{update_idx:>4d}/{self.updates} ({100. * (update_idx + 1) / self.updates:>3.0f}%)]  "
+            f"Loss: {loss_now:#.3g} ({means['loss']:#.3g})  "
+            f"Time: {t.val:.3f}s, {self.samples / max(t.val, 1e-9):>7.2f}/s  "
+            f"({t.avg:.3f}s, {self.samples / max(t.avg, 1e-9):>7.2f}/s)  "
+            f"LR: {lr:.3e}  Data: {d.val:.3f} ({d.avg:.3f}){parts}")
 
 
 @torch.no_grad()
@@ -216,18 +247,22 @@ def validate(
         distributed: bool = False,
         world_size: int = 1,
         log_interval: int = 0,
+        log_style: str = 'train',
+        log_suffix: str = '',
         on_output: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader.
 
-    `log_interval` > 0 logs the running metrics every that many batches (validate.py's --log-freq);
-    `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet).
+    `log_interval` > 0 logs timm's `Test:` line every that many batches: as timm's train.py does (`log_style`
+    'train': also the last batch; `log_suffix` e.g. ' (EMA)') or as timm's validate.py does ('validate', its
+    --log-freq). `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet).
     """
     model.eval()
     criterion = nn.CrossEntropyLoss()
     meters = defaultdict(AverageMeter)
-    progress = Progress(len(loader), log_interval, enabled=log_interval > 0)
-    start = time.time()
+    batch_time = AverageMeter()
+    last_idx = len(loader) - 1
+    start = end = time.time()
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
@@ -250,10 +285,31 @@ def validate(
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)
         meters['top5'].update(top5.item(), n)
-        progress.update(batch_idx, lambda: ' '.join(f"{k} {meters[k].avg:.4f}" for k in ('loss', 'top1', 'top5')))
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if log_interval > 0 and (batch_idx % log_interval == 0 or (log_style == 'train' and batch_idx == last_idx)):
+            _log_test_line(log_style, log_suffix, batch_idx, last_idx, batch_time, meters, n)
     elapsed = max(time.time() - start, 1e-6)
     metrics = {k: m.avg for k, m in meters.items()}
     metrics['img_per_sec'] = seen * world_size / elapsed
     if not math.isfinite(metrics.get('loss', 0.0)):
         _logger.warning('validation loss is not finite')
     return metrics
+
+
+def _log_test_line(style: str, suffix: str, batch_idx: int, last_idx: int, batch_time: AverageMeter,
+                   meters: Dict[str, AverageMeter], batch_size: int) -> None:
+    """timm's `Test:` progress line, as its train.py (`style` 'train') or its validate.py ('validate') writes it."""
+    loss, top1, top5 = meters['loss'], meters['top1'], meters['top5']
+    accuracy_text = (f"Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  "
+                     f"Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})")
+    if style == 'train':
+        _logger.info(
+            f"Test{suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {batch_time.val:.3f} ({batch_time.avg:.3f})  "
+            f"Loss: {loss.val:>7.3f} ({loss.avg:>6.3f})  {accuracy_text}")
+    else:
+        rate = batch_size / max(batch_time.avg, 1e-9)
+        _logger.info(
+            f"Test: [{batch_idx:>4d}/{last_idx + 1}]  "
+            f"Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {rate:>7.2f}/s)  "
+            f"Loss: {loss.val:>7.4f} ({loss.avg:>6.4f})  {accuracy_text}")

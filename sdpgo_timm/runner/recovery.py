@@ -56,7 +56,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
     `start(step, rng_states)` makes the next iteration skip the epoch's first `step` batches
     (indices only; no data is read) and restore `rng_states[i]` as it draws its i-th batch
     (the last state once more when the epoch ends first). The order itself comes from the
-    wrapped sampler, reseeded per epoch by the training loop.
+    wrapped sampler, drawn from the RNG states the epoch began with (`ResumableLoader.epoch_rng`).
     """
 
     def __init__(self, batch_sampler: Sampler, record: bool = True):
@@ -105,7 +105,8 @@ class ResumableLoader:
     """A training loader that knows how far into the epoch it is, and can continue a stopped epoch.
 
     Wraps timm's loader or the replay loader. `state_dict()` is the number of batches handed
-    out this epoch and the RNG states to replay: those the stopped run had when it drew the
+    out this epoch, the RNG states the epoch began with (the sample order is drawn from them), and
+    the RNG states to replay: those the stopped run had when it drew the
     batches still in flight (prefetched, not yet trained on), then its state at the
     checkpoint. After `load_state_dict()` the next epoch skips the batches done and replays
     those states, so with `--workers 0` the rest of the epoch is the one the stopped run
@@ -125,11 +126,15 @@ class ResumableLoader:
                 self.batch_sampler = sampler
         self.resumable = self.batch_sampler is not None
         self.consumed = 0
-        self._start: Tuple[int, List[RngState]] = (0, [])
+        self.epoch_rng: Optional[RngState] = None  # the RNG states as this epoch began: its order was drawn from them
+        self._start: Tuple[int, List[RngState], Optional[RngState]] = (0, [], None)
 
     def __iter__(self) -> Iterator[Any]:
-        step, rng_states = self._start
-        self._start = (0, [])
+        step, rng_states, epoch_rng = self._start
+        self._start = (0, [], None)
+        if epoch_rng is not None:  # a resumed epoch: draw its order (the sampler's permutation) as the stopped run did
+            set_rng_state(epoch_rng)
+        self.epoch_rng = get_rng_state()
         if self.batch_sampler is not None:
             self.batch_sampler.start(step, rng_states)
         self.consumed = step
@@ -158,13 +163,13 @@ class ResumableLoader:
         if not self.resumable:
             raise RuntimeError('a streaming dataset cannot resume mid-epoch')
         in_flight = [state for number, state in self.batch_sampler.drawn if number >= self.consumed]
-        return dict(step=self.consumed, rng=in_flight + [get_rng_state()])
+        return dict(step=self.consumed, rng=in_flight + [get_rng_state()], epoch_rng=self.epoch_rng)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Start the next epoch (the one the state was saved in) after its first `step` batches."""
         if state['step'] and not self.resumable:
             raise ValueError('a streaming dataset cannot resume mid-epoch')
-        self._start = (int(state['step']), list(state['rng']))
+        self._start = (int(state['step']), list(state['rng']), state.get('epoch_rng'))
 
 
 class RecoveryCheckpoints:

@@ -17,7 +17,7 @@ from timm.models import clean_state_dict
 from timm.task import TrainingTask
 
 from .checkpoint import (
-    MIXUP_RANKS, MIXUP_STATE, POSITION, RANK_STATES, RECOVERY_RANKS, SUMMARY_ROW, TrainCheckpointSaver,
+    MIXUP_RANKS, MIXUP_STATE, POSITION, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, SUMMARY_ROW, TrainCheckpointSaver,
     find_resume_checkpoint, load_checkpoint_file, restore_summary_row, resume_position, truncate_summary)
 from .errors import CheckpointError, one_line
 from .setup import check_checkpoint_arch
@@ -63,6 +63,7 @@ class ResumePoint:
     num_updates: Optional[int] = None
     recovery: Optional[Dict[str, Any]] = None
     summary_row: Optional[Dict[str, Any]] = None  # the summary.csv row an epoch checkpoint holds
+    rng: Optional[Dict[str, Any]] = None  # this rank's RNG states at an epoch checkpoint (restore before training)
 
 
 def resolve_resume(args: argparse.Namespace) -> str:
@@ -119,6 +120,8 @@ def resume_training(
         mixup_fn.load_state_dict(mixup)
     epoch, step = resume_position(checkpoint)
     point = ResumePoint(epoch, summary_row=checkpoint.get(SUMMARY_ROW))
+    if RNG_RANKS in checkpoint and POSITION not in checkpoint and not change:
+        point.rng = _this_rank(checkpoint, RNG_RANKS, args, path)
     if POSITION in checkpoint:
         point.num_updates = int(checkpoint[POSITION]['num_updates'])
         point.recovery = _this_rank(checkpoint, RECOVERY_RANKS, args, path)

@@ -27,9 +27,10 @@ from ..data.factory import dataset_num_classes
 from ..hub.pretrained import ensure_cached
 from ..protocol import SelfDistillationTask
 from .checkpoint import (
-    MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, WriteError, atomic_write_text, load_weights_file,
+    MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,
     load_weights_into)
 from .errors import CheckpointError, ConfigError
+from .recovery import get_rng_state
 from .rundir import RunFolderLock, check_run_folder
 
 _logger = logging.getLogger(__name__)
@@ -187,13 +188,15 @@ def gather_rank_states(
     `replay_mixup` is this process's Mixup record; under DDP `task_state_ranks` and
     `replay_mixup_ranks` hold every rank's replay cache and record (not for a task whose
     `state_shared_across_ranks` is true: its `task_state` from rank 0 serves every rank); `recovery_ranks` every
-    rank's `recovery` state (mid-epoch position) when given.
+    rank's `recovery` state (mid-epoch position) when given, else (an epoch checkpoint) `rng_ranks` every rank's
+    RNG states, which a resumed run restores so that its next epoch draws what this one's would have.
     """
     mixup = mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None
     # a task whose state is the same on every rank (PS-KD's table) is saved once, from rank 0's `task_state`
     shared = isinstance(task, SelfDistillationTask) and task.state_shared_across_ranks
     rank_state = None if shared else task.get_task_state()
-    state = _to_cpu(dict(task_state=rank_state, mixup=mixup, recovery=recovery))
+    state = _to_cpu(dict(task_state=rank_state, mixup=mixup, recovery=recovery,
+                         rng=get_rng_state() if recovery is None else None))
     states = [state]
     if args.distributed:
         states = [None] * args.world_size
@@ -207,6 +210,8 @@ def gather_rank_states(
         extra[MIXUP_RANKS] = [s['mixup'] for s in states]
     if recovery is not None:
         extra[RECOVERY_RANKS] = [s['recovery'] for s in states]
+    else:
+        extra[RNG_RANKS] = [s['rng'] for s in states]
     return extra
 
 
