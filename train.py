@@ -6,6 +6,7 @@
 
 Argument parsing and wiring only; the logic lives in sdpgo_timm.
 """
+import json
 import logging
 import os
 import sys
@@ -46,6 +47,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     # from here on SIGTERM / SIGUSR1 / SIGINT stop the run at a step (or before the first) instead of killing it
     preemption = cleanup.enter_context(PreemptionSignal(args.distributed, device))
     primary = args.rank == 0
+    if args.distributed:
+        _logger.info(f"Training in distributed mode with multiple processes, 1 device per process. Process "
+                     f"{args.rank}, total {args.world_size}, device {args.device}.")
+    else:
+        _logger.info(f"Training with a single process on 1 device ({args.device}).")
     if primary and args.push_to_hub:
         from sdpgo_timm.hub import check_push_target
         check_push_target(args.push_to_hub)  # before training: a bad repo id or a missing token is found now
@@ -57,6 +63,9 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     check_num_classes(args, dataset_train)
     skipped = getattr(dataset_train, 'skipped', None)
     model = create_timm_model(args, dataset_train)
+    if primary:
+        _logger.info(f"Model {safe_model_name(args.model)} created, param count:"
+                     f"{sum(p.numel() for p in model.parameters())}")
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     model.to(device)
     if args.channels_last:
@@ -67,20 +76,27 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     method = skd_method(args)
     feed = resolve_feed(args, dataset_train)
     task = create_train_task(args, model, feed, device, num_samples=len(dataset_train))
-    resolve_lr(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-
     amp_autocast, amp_dtype = create_autocast(args, device)
-    loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    # as timm: a loss scaler for float16 on CUDA only (bfloat16 needs none)
+    loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 and device.type == 'cuda' else None
+    if primary:
+        _logger.info('Using native Torch AMP. Training in mixed precision.' if amp_dtype else
+                     'AMP not enabled. Training in torch.float32.')
+    resolve_lr(args, log=primary)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    if primary:
+        defaults = {**optimizer.defaults, 'weight_decay': args.weight_decay}  # timm's line: wd is not in defaults
+        _logger.info(f"Created {type(optimizer).__name__} ({args.opt}) optimizer: "
+                     + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
 
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-    loader_train = create_train_loader(args, dataset_train, data_config, device, feed)
+    mixup_fn, mixup_collate = create_mixup(args, model.num_classes, feed)
+    loader_train = create_train_loader(args, dataset_train, data_config, device, feed, collate_fn=mixup_collate)
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
-    mixup_fn = create_mixup(args, model.num_classes, replay_aware=feed in ('views', 'tensors'))
 
     resume_path = resolve_resume(args)
     point = ResumePoint()
@@ -109,8 +125,10 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     output_dir = saver = None
     log_wandb = False
     if primary:
+        # timm's name (time, model, image size), then the self-distillation method if any
         exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
+            *([method] if method else [])])
         output_dir = os.path.join(args.output or './output/train', exp_name)
         in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), output_dir)
@@ -124,6 +142,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             resume_in_place(saver, resume_path, output_dir, point)
         _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
+        explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
+                   if args.warmup_prefix else
+                   '(epochs + cooldown_epochs). Warmup within epochs when warmup_prefix=False')
+        _logger.info(f"Scheduled epochs: {num_epochs} {explain}. "
+                     f"LR stepped per {'epoch' if lr_scheduler.t_in_epochs else 'update'}.")
 
     if point.epoch >= num_epochs and primary:
         _logger.info(
@@ -131,6 +154,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     collect = partial(gather_rank_states, task, mixup_fn, args)
     eval_model = task.get_eval_model()
     best = None
+    results = []  # each evaluated epoch's metrics, for timm's `--result` print
     if preemption.stopping(wait=True):
         raise Preempted(f"preempted by {preemption.name} during start-up, before the first step: nothing to save. "
                         "Run the same command (with --resume auto) to start again.")
@@ -140,8 +164,10 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         set_rng_state(point.rng)
     for epoch in range(point.epoch, num_epochs):
         loader_train.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
+        if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            for mixup in (mixup_fn, mixup_collate):
+                if mixup is not None:
+                    mixup.mixup_enabled = False
         if isinstance(task, SelfDistillationTask):
             task.set_epoch(epoch)
 
@@ -176,6 +202,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                 distribute_bn(ema_model, args.world_size, args.dist_bn == 'reduce')
             eval_metrics = evaluate(task.get_eval_model(ema=True), log_suffix=' (EMA)')
         metric = eval_metrics[args.eval_metric]
+        results.append(dict(epoch=epoch, train=train_metrics, validation=eval_metrics))
         extra = collect()
         if primary:
             # the rate the epoch trained with (as timm's summary): read before the scheduler steps to the next one
@@ -205,6 +232,10 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             _logger.info("*** No epoch was trained in this run")
         else:
             _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
+        # timm's parsable result: the ten best evaluated epochs, best last
+        ranked = sorted(results, key=lambda r: r['validation'][args.eval_metric],
+                        reverse='loss' in args.eval_metric)
+        print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
     if primary and args.push_to_hub and output_dir:
         from sdpgo_timm.hub import HubError, push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')

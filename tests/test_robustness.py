@@ -113,7 +113,7 @@ def test_sigkill_after_a_recovery_checkpoint_then_resume_is_exact(sdpgo_run, tmp
 def test_sigterm_saves_a_recovery_checkpoint_and_exits_4(sdpgo_run, tmp_path):
     run = tmp_path / 'stopped'
     process = TrainProcess([*SDPGO, '--output', str(tmp_path), '--experiment', 'stopped', '--log-interval', '1'])
-    process.wait_for(lambda: f'[   3/{STEPS}]' in process.output)
+    process.wait_for(lambda: f'Train: 0 [   3/{STEPS} ' in process.output)  # timm's line of the 4th update
     process.process.send_signal(signal.SIGTERM)
     assert process.finish() == 4, process.output[-3000:]
     message = process.output.strip().splitlines()[-1]
@@ -121,7 +121,8 @@ def test_sigterm_saves_a_recovery_checkpoint_and_exits_4(sdpgo_run, tmp_path):
     saved, = recovery_files(run)
     assert saved.name in message
     step = load_checkpoint_file(str(saved))['position']['step']
-    assert f'after step {step} of epoch 0' in message and f'[{step + 1:>4d}/{STEPS}]' not in process.output
+    # no progress line of an update after the saved one (timm's lines count updates from 0)
+    assert f'after step {step} of epoch 0' in message and f'Train: 0 [{step:>4d}/{STEPS} ' not in process.output
 
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'stopped', '--resume', 'auto']) == 0
     assert_same_weights(run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
@@ -229,11 +230,10 @@ def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monke
     append_summary(0, {'loss': 1.0}, {'top1': 50.0}, str(csv_path), lr=0.1)
     before = hashes(tmp_path)
 
-    def half_row(epoch, train_metrics, eval_metrics, filename, lr=None, log_wandb=False):
-        with open(filename, 'a') as f:
-            f.write('1,0.5')
+    def half_copy(source, target):  # the disk fills up while the rows are copied
+        target.write(b'1,0.5')
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr('sdpgo_timm.runner.checkpoint.update_summary', half_row)
+    monkeypatch.setattr('sdpgo_timm.runner.checkpoint.shutil.copyfileobj', half_copy)
     with pytest.raises(WriteError, match='summary.csv'):
         append_summary(1, {'loss': 0.5}, {'top1': 60.0}, str(csv_path), lr=0.1)
     assert hashes(tmp_path) == before
@@ -681,7 +681,8 @@ def test_weights_files_timm_reads_work_for_initial_checkpoint_and_validate(sdpgo
                              '--input-size', '3', '16', '16', '--workers', '0']) == 0
         result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
         assert result['top1'] == pytest.approx(expected, abs=1e-4), name
-    assert run_train(['digits', *FAST, '--epochs', '1', '--lr', '0', '--warmup-lr', '0', '--initial-checkpoint',
+    # the one epoch is a warm-up from rate 0 (--lr 0 would mean "from --lr-base", as in timm)
+    assert run_train(['digits', *FAST, '--epochs', '1', '--warmup-epochs', '1', '--warmup-lr', '0', '--initial-checkpoint',
                       str(tmp_path / 'w.safetensors'), '--output', str(tmp_path), '--experiment', 'init']) == 0
     trained = load_checkpoint_file(str(tmp_path / 'init' / 'last.pth.tar'))['state_dict']
     assert all(torch.equal(trained[k], weights[k]) for k in weights if k.endswith('.weight'))  # lr 0: as loaded

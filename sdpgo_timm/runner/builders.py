@@ -7,13 +7,13 @@ ClassificationTask or a self-distillation task), the training loader for each da
 with it.
 """
 import argparse
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, IterableDataset
 
-from timm.data import Mixup, create_loader
+from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask, TrainingTask
 
@@ -123,15 +123,26 @@ class PerSampleBCE(nn.Module):
         return self.bce(logits, target).sum(-1)
 
 
-def create_mixup(args: argparse.Namespace, num_classes: int, replay_aware: bool) -> Optional[Mixup]:
-    """timm's Mixup (plain training) or ReplayMixup (replay data paths), None when off."""
+def create_mixup(
+        args: argparse.Namespace, num_classes: int, feed: Optional[str]) -> Tuple[Optional[Mixup], Optional[Mixup]]:
+    """Mixup/CutMix as (a batch transform the loop applies, a collate function for the loader); (None, None) off.
+
+    Plain training with timm's prefetcher mixes in the loader's collate (timm's FastCollateMixup, on uint8
+    images) as timm's train.py does, so that a plain run draws and rounds what timm's does; without the prefetcher
+    it is timm's Mixup in the loop. The replay data paths mix in the loop with ReplayMixup (the replayed half
+    keeps its mix); PS-KD's indexed batches with timm's Mixup.
+    """
     if not mixup_active(args):
-        return None
-    cls = ReplayMixup if replay_aware else Mixup
-    return cls(
+        return None, None
+    options = dict(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=num_classes)
+    if feed in ('views', 'tensors'):
+        return ReplayMixup(**options), None
+    if feed is None and not args.no_prefetcher:
+        return None, FastCollateMixup(**options)
+    return Mixup(**options), None
 
 
 def create_train_loader(
@@ -140,8 +151,9 @@ def create_train_loader(
         data_config: dict,
         device: torch.device,
         feed: Optional[str],
+        collate_fn: Optional[Callable] = None,
 ) -> ResumableLoader:
-    """The training loader, resumable mid-epoch."""
+    """The training loader, resumable mid-epoch; `collate_fn` (plain batches only) is create_mixup's collate."""
     common = dict(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
@@ -162,7 +174,10 @@ def create_train_loader(
     if feed == 'tensors' and mixup_active(args) and batch_size % 2:
         raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
                          "must be a multiple of 4")
-    create = create_indexed_loader if feed == 'indexed' else create_loader
-    loader = create(
-        dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
+    if feed == 'indexed':
+        loader = create_indexed_loader(
+            dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
+    else:
+        loader = create_loader(dataset, batch_size=batch_size, distributed=args.distributed,
+                               num_aug_repeats=args.aug_repeats, collate_fn=collate_fn, **common)
     return ResumableLoader(loader)

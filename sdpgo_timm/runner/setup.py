@@ -129,14 +129,18 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     return model
 
 
-def resolve_lr(args: argparse.Namespace) -> None:
+def resolve_lr(args: argparse.Namespace, log: bool = False) -> None:
     """--lr if given, else --lr-base scaled by the global batch as timm does (linear, sqrt for adaptive opts)."""
-    if args.lr is not None:
+    if args.lr:  # timm computes it for an unset or zero --lr
         return
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
-    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-    args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
+    if log:
+        _logger.info(f"Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) and effective "
+                     f"global batch size ({global_batch:g}) with {args.lr_base_scale} scaling.")
 
 
 def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device):
