@@ -205,6 +205,13 @@ def _status(meter: TrainMeter, world_size: int, start: float, first_seen: int) -
     return ' '.join(parts) + f" {rate:.1f} img/s"
 
 
+def _to_device(input, device: torch.device):
+    """A batch's input on `device`: a tensor, or a dict (timm's NaFlex loader: patches, coordinates, mask, length)."""
+    if isinstance(input, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
+    return input.to(device)
+
+
 @torch.no_grad()
 def validate(
         model: nn.Module,
@@ -231,7 +238,7 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = batch.input.to(device), batch.target.to(device)
+        input, target = _to_device(batch.input, device), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
@@ -245,7 +252,7 @@ def validate(
         top1, top5 = accuracy(output, target, topk=(1, k))
         if distributed:
             loss, top1, top5 = (reduce_tensor(t, world_size) for t in (loss, top1, top5))
-        n = input.size(0)
+        n = target.size(0)
         seen += n
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)
