@@ -333,7 +333,7 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--naflex-loader', action='store_true', default=False,
                            help="use timm's NaFlex loader (aspect-preserving patch sequences; needs a NaFlex model "
                                 'such as naflexvit_*)')
-        group.add_argument('--naflex-max-seq-len', type=int, default=576,
+        group.add_argument('--naflex-max-seq-len', type=int, default=576, metavar='N',
                            help='fixed maximum sequence length (patches per image) for the NaFlex loader '
                                 '(default: 576)')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
