@@ -1,5 +1,6 @@
 """ Command lines of train.py and validate.py: timm's flag names, YAML/recipe defaults, benchmark names. """
 import argparse
+import re
 
 import pytest
 
@@ -187,3 +188,25 @@ def test_opt_kwargs_keeps_timms_name_and_reaches_the_optimizer(tmp_path):
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     optimizer = create_optimizer_v2(timm.create_model('test_resnet'), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     assert optimizer.defaults['betas'] == (0.8, 0.95)
+
+
+def test_validate_m_is_model_and_results_format_allows_any_file_name():
+    args = parse_validate_args(['digits', '-m', 'resnet18', '--results-file', 'r.txt', '--results-format', 'json'])
+    assert (args.model, args.results_format, args.naflex_max_seq_len) == ('resnet18', 'json', 576)
+    assert parse_validate_args(['digits', '--amp', '--model-dtype', 'float32']).model_dtype == 'float32'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--torchscript', '--torchcompile'], '--torchscript and --torchcompile exclude each other'),
+    (['--aot-autograd', '--torchcompile', 'eager'], '--torchcompile and --aot-autograd exclude each other'),
+    (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model'),
+    (['--naflex-loader', '--channels-last'], '--channels-last does not apply to the NaFlex loader'),
+    (['--tf-preprocessing', '--no-prefetcher'], 'not with --no-prefetcher'),
+    (['--tf-preprocessing', '--naflex-loader'], 'not with --naflex-loader'),
+    (['--model-dtype', 'float64'], "invalid choice: 'float64'"),
+    (['--fuser', 'nnc'], "invalid choice: 'nnc'"),
+    (['--naflex-max-seq-len', '0'], '--naflex-max-seq-len must be >= 1'),
+])
+def test_validate_options_that_exclude_each_other_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_validate_args(['digits', *argv])

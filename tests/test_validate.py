@@ -3,6 +3,7 @@ import csv
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -164,7 +165,8 @@ def test_real_labels_need_file_names(tmp_path, error_lines):
 
 @pytest.mark.parametrize('case', ['missing checkpoint', 'unknown model', 'other architecture', 'other classes',
                                   'no ema', 'not a checkpoint', 'bad results file', 'num gpu on cpu',
-                                  'missing split', 'no model'])
+                                  'missing split', 'no model', 'naflex loader on a resnet',
+                                  'tf preprocessing in memory'])
 def test_bad_input_is_one_line_and_exit_2(case, sdpgo_run, tmp_path, error_lines):
     last = str(sdpgo_run / 'last.pth.tar')
     not_checkpoint = tmp_path / 'notes.pth.tar'
@@ -180,6 +182,8 @@ def test_bad_input_is_one_line_and_exit_2(case, sdpgo_run, tmp_path, error_lines
         'num gpu on cpu': (['--checkpoint', last, '--num-gpu', '2', '--device', 'cpu'], '--num-gpu 2'),
         'missing split': (['--checkpoint', last, '--split', 'test'], "split 'test' not found"),
         'no model': ([], '--model'),
+        'naflex loader on a resnet': (['--checkpoint', last, '--naflex-loader'], 'needs a NaFlex model'),
+        'tf preprocessing in memory': (['--checkpoint', last, '--tf-preprocessing'], 'needs an image folder'),
     }[case]
     assert run_validate(['digits', *argv, '--workers', '0']) == 2
     errors = error_lines()
@@ -194,3 +198,263 @@ def test_command_line_exit_status_and_message(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count('\n') == 0 and 'does not exist' in done.stderr
     assert done.stdout == ''
+
+
+# timm's remaining validate.py flags (issue 12)
+
+@pytest.fixture
+def evaluated(monkeypatch):
+    """What validate.py hands the engine's validate, per model: the model and the inputs of every batch."""
+    import validate as script
+    from sdpgo_timm.runner.evaluation import MapBatches
+    seen, real = [], script.validate
+
+    def spy(model, loader, **kwargs):
+        record = SimpleNamespace(model=model, inputs=[])
+        seen.append(record)
+        return real(model, MapBatches(loader, lambda batch: record.inputs.append(batch[0]) or batch), **kwargs)
+    monkeypatch.setattr(script, 'validate', spy)
+    return seen
+
+
+def _results(capsys):
+    """The result lists printed so far, one per validate.py run."""
+    return [json.loads(chunk) for chunk in capsys.readouterr().out.split('--result\n')[1:]]
+
+
+def _save_weights(model, path):
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_results_format_overrides_the_file_extension(sdpgo_run, tmp_path):
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0']
+    assert run_validate(argv + ['--results-file', str(tmp_path / 'r.txt'), '--results-format', 'json']) == 0
+    assert run_validate(argv + ['--results-file', str(tmp_path / 'r.json'), '--results-format', 'csv']) == 0
+    as_json, = json.loads((tmp_path / 'r.txt').read_text())
+    with open(tmp_path / 'r.json', newline='') as f:
+        as_csv, = list(csv.DictReader(f))
+    assert float(as_csv['top1']) == as_json['top1'] and as_csv['checkpoint'] == as_json['checkpoint']
+
+
+@pytest.mark.parametrize('loader', [[], ['--no-prefetcher']])
+def test_model_dtype_bfloat16_evaluates_a_bfloat16_model_on_bfloat16_inputs(sdpgo_run, capsys, evaluated, loader):
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0', *loader]
+    assert run_validate(argv) == 0 and run_validate(argv + ['--model-dtype', 'bfloat16']) == 0
+    (fp32,), (bf16,) = _results(capsys)
+    assert next(evaluated[1].model.parameters()).dtype == torch.bfloat16
+    assert {x.dtype for x in evaluated[1].inputs} == {torch.bfloat16}
+    assert bf16['top1'] == pytest.approx(fp32['top1'], abs=2) and bf16['loss'] == pytest.approx(fp32['loss'], abs=0.02)
+
+
+def test_test_pool_pools_a_larger_input_as_at_the_model_default_size(image_folder, capsys, evaluated):
+    """test_resnet's default input is 160: at 192 timm's TestTimePoolHead takes over and the image is not cropped;
+    at 160 --test-pool changes nothing."""
+    from timm.layers.test_time_pool import TestTimePoolHead
+    argv = [str(image_folder), '--model', 'test_resnet', '--workers', '0', '--test-pool']
+    for size in ('192', '160'):
+        torch.manual_seed(0)
+        assert run_validate(argv + ['--img-size', size]) == 0
+    (pooled,), (plain,) = _results(capsys)
+    assert isinstance(evaluated[0].model, TestTimePoolHead) and pooled['crop_pct'] == 1.0
+    assert not isinstance(evaluated[1].model, TestTimePoolHead) and plain['crop_pct'] != 1.0
+    assert {tuple(x.shape[1:]) for x in evaluated[0].inputs} == {(3, 192, 192)}
+
+
+def test_torchscript_and_fuser_evaluate_a_script_module_with_the_same_top1(sdpgo_run, capsys, evaluated,
+                                                                           monkeypatch):
+    import validate as script
+    fusers, real_set_jit_fuser = [], script.set_jit_fuser
+    monkeypatch.setattr(script, 'set_jit_fuser', lambda name: fusers.append(name) or real_set_jit_fuser(name))
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0']
+    assert run_validate(argv) == 0 and run_validate(argv + ['--torchscript', '--fuser', 'te']) == 0
+    (eager,), (scripted,) = _results(capsys)
+    assert isinstance(evaluated[1].model, torch.jit.ScriptModule) and fusers == ['te']
+    assert scripted['top1'] == pytest.approx(eager['top1'], abs=1e-4)
+    assert scripted['loss'] == pytest.approx(eager['loss'], abs=1e-4)
+
+
+def test_aot_autograd_fuses_once_per_input_shape_with_the_same_top1(sdpgo_run, capsys, evaluated):
+    """The validation split is not a multiple of 64: the last, smaller batch gets a trace of its own."""
+    from sdpgo_timm.runner.evaluation import FusedPerShape
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0', '-b', '64']
+    assert run_validate(argv) == 0 and run_validate(argv + ['--aot-autograd']) == 0
+    (eager,), (fused,) = _results(capsys)
+    model = evaluated[1].model
+    assert isinstance(model, FusedPerShape)
+    assert set(model._fused) == {tuple(x.shape) for x in evaluated[1].inputs} and len(model._fused) == 2
+    assert fused['top1'] == pytest.approx(eager['top1'], abs=1e-4)
+
+
+def test_reparam_fuses_the_branches_with_the_same_logits(image_folder, tmp_path, capsys):
+    """repghostnet's re-parameterizable branches fold into one conv each: fewer parameters, the same outputs."""
+    import timm
+    torch.manual_seed(0)
+    weights = _save_weights(timm.create_model('repghostnet_050', num_classes=3), tmp_path / 'w.pth')
+    argv = [str(image_folder), '--model', 'repghostnet_050', '--checkpoint', weights, '--img-size', '32',
+            '--workers', '0']
+    assert run_validate(argv) == 0 and run_validate(argv + ['--reparam']) == 0
+    (plain,), (reparam,) = _results(capsys)
+    assert reparam['param_count'] < plain['param_count']
+    assert reparam['loss'] == pytest.approx(plain['loss'], abs=1e-4) and reparam['top1'] == plain['top1']
+
+
+def test_valid_labels_restrict_the_logits_to_those_classes_in_that_order(image_folder, tmp_path, capsys):
+    """A 5-class model on 3-class data with --valid-labels 3 0 4 scores as the 3-class model whose head is
+    rows 3, 0, 4 of its head."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=5)
+    full = _save_weights(model, tmp_path / 'full.pth')
+    head = model.pretrained_cfg['classifier']
+    subset = {k: v[[3, 0, 4]] if k.startswith(head + '.') else v for k, v in model.state_dict().items()}
+    torch.save(subset, tmp_path / 'subset.pth')
+    (tmp_path / 'valid.txt').write_text('3\n0\n4\n')
+    argv = [str(image_folder), '--model', 'test_resnet', '--img-size', '32', '--workers', '0']
+    assert run_validate(argv + ['--checkpoint', full, '--num-classes', '5',
+                                '--valid-labels', str(tmp_path / 'valid.txt')]) == 0
+    assert run_validate(argv + ['--checkpoint', str(tmp_path / 'subset.pth')]) == 0
+    (restricted,), (reference,) = _results(capsys)
+    for key in ('top1', 'top5', 'loss'):
+        assert restricted[key] == pytest.approx(reference[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize('text, message', [
+    ('3\n0\n9\n', "line 3: '9' is not a class index of the model (0 to 4)"),
+    ('3\nzero\n4\n', "line 2: 'zero' is not a class index"),
+    ('3\n0\n', 'lists 2 classes but the 3-class data needs one line per class'),
+])
+def test_bad_valid_labels_are_one_line_and_exit_2(image_folder, tmp_path, error_lines, text, message):
+    (tmp_path / 'valid.txt').write_text(text)
+    assert run_validate([str(image_folder), '--model', 'test_resnet', '--num-classes', '5', '--img-size', '16',
+                         '--workers', '0', '--valid-labels', str(tmp_path / 'valid.txt')]) == 2
+    errors = error_lines()
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize('average, expected', [
+    ('micro', (4 / 6, 4 / 6, 4 / 6)),
+    ('macro', (0.625, (2 / 3 + 0.5 + 1) / 4, 0.575)),
+    ('weighted', (5 / 6, 4 / 6, 4.4 / 6)),
+])
+def test_class_scores_average_as_scikit_learn(average, expected):
+    """Hand-computed with scikit-learn's definitions (zero_division=0): class 3 is only predicted, so it counts in
+    the macro mean with recall 0 and weighs nothing in the weighted one."""
+    from sdpgo_timm.runner.evaluation import class_scores
+    targets, preds = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 3, 2])
+    assert class_scores(preds, targets, average) == pytest.approx(expected, abs=1e-9)
+
+
+def test_class_scores_match_scikit_learn_documentation_example():
+    """precision_score / recall_score / f1_score docs: y_true [0, 1, 2, 0, 1, 2], y_pred [0, 2, 1, 0, 0, 1]."""
+    from sdpgo_timm.runner.evaluation import class_scores
+    targets, preds = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 2, 1, 0, 0, 1])
+    assert class_scores(preds, targets, 'macro') == pytest.approx((0.2222, 0.3333, 0.2667), abs=1e-4)
+    assert class_scores(preds, targets, 'weighted') == pytest.approx((0.2222, 0.3333, 0.2667), abs=1e-4)
+
+
+def test_metrics_avg_reports_precision_recall_f1(sdpgo_run, tmp_path, capsys):
+    """For single-label data micro precision, recall and F1 all equal top-1 accuracy."""
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0']
+    for average in ('micro', 'macro'):
+        assert run_validate(argv + ['--metrics-avg', average, '--results-file', str(tmp_path / f'{average}.csv')]) == 0
+    (micro,), (macro,) = _results(capsys)
+    assert micro['micro_precision'] == micro['micro_recall'] == micro['micro_f1_score'] == micro['top1']
+    assert 0 < macro['macro_f1_score'] <= 100 and 'macro_precision' in read_results(tmp_path / 'macro.csv')[0]
+
+
+def _fail_above(max_batch, message='CUDA out of memory. Tried to allocate 2.00 GiB'):
+    """A create_eval_model whose model raises torch.OutOfMemoryError on batches larger than `max_batch`."""
+    import validate as script
+    real = script.create_eval_model
+
+    def create(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def check(module, inputs):
+            if inputs[0].shape[0] > max_batch:
+                raise torch.OutOfMemoryError(message)
+        model.register_forward_pre_hook(check)
+        return model
+    return create
+
+
+def test_retry_decays_the_batch_size_until_it_fits(sdpgo_run, capsys, caplog, monkeypatch):
+    import validate as script
+    argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0', '-b', '64']
+    assert run_validate(argv) == 0
+    monkeypatch.setattr(script, 'create_eval_model', _fail_above(16))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_validate(argv)
+    caplog.clear()
+    assert run_validate(argv + ['--retry']) == 0
+    (plain,), (retried,) = _results(capsys)
+    assert retried['top1'] == plain['top1'] and retried['loss'] == pytest.approx(plain['loss'], abs=1e-4)
+    retries = [r.getMessage() for r in caplog.records if 'retrying with batch size' in r.getMessage()]
+    assert [m.rsplit(' ', 1)[-1] for m in retries] == ['48', '32', '24', '16']
+    assert 'CUDA out of memory' in retries[0] and '\n' not in retries[0]
+
+
+@pytest.mark.parametrize('message, tried', [('CUDA out of memory', 'down to batch size 1'),
+                                            ('an illegal memory access was encountered', 'at batch size 4, not retried')])
+def test_retry_that_never_fits_is_one_error_line_and_exit_1(sdpgo_run, tmp_path, capsys, error_lines, monkeypatch,
+                                                            message, tried):
+    import validate as script
+    monkeypatch.setattr(script, 'create_eval_model', _fail_above(0, message))
+    assert run_validate(['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0', '-b', '4',
+                         '--retry', '--results-file', str(tmp_path / 'r.csv')]) == 1
+    errors = error_lines()
+    assert len(errors) == 1 and tried in errors[0] and message in errors[0], errors
+    assert _results(capsys) == [[]] and not (tmp_path / 'r.csv').exists()
+
+
+@pytest.fixture(scope='module')
+def naflex_weights(tmp_path_factory):
+    """Random weights of a tiny 3-class NaFlex ViT (naflexvit_base_patch16_gap at width 32, depth 2)."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('naflexvit_base_patch16_gap', num_classes=3, embed_dim=32, depth=2, num_heads=2)
+    return _save_weights(model, tmp_path_factory.mktemp('naflex') / 'naflex.pth')
+
+
+@pytest.mark.parametrize('loader', [[], ['--no-prefetcher']])
+def test_naflex_loader_feeds_patch_sequences_of_max_seq_len(image_folder, naflex_weights, capsys, evaluated, loader):
+    argv = [str(image_folder), '--model', 'naflexvit_base_patch16_gap', '--model-kwargs', 'embed_dim=32', 'depth=2',
+            'num_heads=2', '--checkpoint', naflex_weights, '--naflex-loader', '--workers', '0', '-b', '8', *loader]
+    for length in ('16', '4'):
+        assert run_validate(argv + ['--naflex-max-seq-len', length]) == 0
+    (long,), (short,) = _results(capsys)
+    for record, length in zip(evaluated, (16, 4)):
+        assert all(isinstance(x, dict) for x in record.inputs)
+        assert {tuple(x['patches'].shape[1:]) for x in record.inputs} == {(length, 16 * 16 * 3)}
+        assert sum(len(x['patch_valid']) for x in record.inputs) == 24  # every image of the split
+    assert long['loss'] != short['loss']
+
+
+def test_tf_preprocessing_decodes_the_files_bytes_in_timms_transform(image_folder, capsys, monkeypatch):
+    """TensorFlow is not installed here: a stand-in for timm's TfPreprocessTransform (bytes in, CHW uint8 out)
+    shows that the files' bytes reach it, at the evaluation size."""
+    import io
+    import types
+    calls = []
+
+    class TfPreprocessTransform:
+        def __init__(self, is_training=False, size=224, interpolation='bicubic'):
+            self.size = size[0] if isinstance(size, tuple) else size
+
+        def __call__(self, image_bytes):
+            calls.append((type(image_bytes), self.size))
+            img = Image.open(io.BytesIO(image_bytes)).convert('RGB').resize((self.size, self.size))
+            return np.rollaxis(np.array(img), 2)
+    monkeypatch.setitem(sys.modules, 'timm.data.tf_preprocessing',
+                        types.SimpleNamespace(TfPreprocessTransform=TfPreprocessTransform))
+    assert run_validate([str(image_folder), '--model', 'test_resnet', '--img-size', '24', '--workers', '0',
+                         '--tf-preprocessing']) == 0
+    (result,), = _results(capsys)
+    assert calls == [(bytes, 24)] * 24 and result['img_size'] == 24
+
+
+def test_tf_preprocessing_without_tensorflow_is_one_line(image_folder, error_lines):
+    assert run_validate([str(image_folder), '--model', 'test_resnet', '--workers', '0', '--tf-preprocessing']) == 2
+    errors = error_lines()
+    assert len(errors) == 1 and 'needs TensorFlow' in errors[0], errors

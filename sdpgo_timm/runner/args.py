@@ -81,7 +81,7 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     if training:
         group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='name of model to train')
     else:
-        group.add_argument('--model', default=None, type=str, metavar='MODEL',
+        group.add_argument('--model', '-m', default=None, type=str, metavar='MODEL',
                            help="model architecture (default: the checkpoint's)")
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained weights')
     if training:
@@ -116,6 +116,15 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
                            help='evaluation crop: center, squash or border (default: the model\'s, else center)')
         group.add_argument('--crop-border-pixels', type=int, default=None, help='crop this many pixels off each border')
         group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+        group.add_argument('--test-pool', action='store_true', default=False,
+                           help="enable test time pool (timm's apply_test_time_pool: a model whose default config "
+                                "has a smaller input size than the evaluation's pools its features as at that size; "
+                                "crop_pct becomes 1.0)")
+        group.add_argument('--reparam', default=False, action='store_true',
+                           help="reparameterize the model for inference (timm's reparameterize_model: fuses "
+                                "RepVGG/MobileOne-style branches) after loading its weights")
+        group.add_argument('--model-dtype', default=None, type=str, choices=MODEL_DTYPES,
+                           help='model dtype override (non-AMP), the inputs cast to it (default: float32)')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
@@ -135,6 +144,15 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
                        help='enable compilation w/ specified backend (default: inductor).')
     group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
     if not training:
+        group.add_argument('--torchscript', default=False, action='store_true',
+                           help='torch.jit.script the full model (built scriptable); excludes --torchcompile and '
+                                '--aot-autograd')
+        group.add_argument('--aot-autograd', default=False, action='store_true',
+                           help="enable AOT Autograd support (functorch's memory_efficient_fusion, traced once per "
+                                "input shape); excludes --torchscript and --torchcompile")
+        group.add_argument('--fuser', default='', type=str, choices=JIT_FUSERS,
+                           help="select jit fuser (timm's set_jit_fuser), one of ('', 'te', 'old', 'nvfuser'); "
+                                "it affects --torchscript models (torch >= 2.2 ignores nvfuser, with a warning)")
         return
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='number of steps to accumulate gradients')
@@ -295,8 +313,29 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
         group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                            help='write the results to this .csv or .json file')
+        group.add_argument('--results-format', default=None, type=str, choices=RESULTS_FORMATS,
+                           help='format of --results-file, csv or json (default: the file name\'s extension)')
         group.add_argument('--real-labels', default='', type=str, metavar='FILENAME',
                            help='ImageNet-ReaL labels JSON (real.json): top-1/top-5 against the reassessed labels')
+        group.add_argument('--valid-labels', default='', type=str, metavar='FILENAME',
+                           help='valid label indices txt file (one class index of the model a line) for validation '
+                                'of a partial label space: the logits are restricted to these classes, in this '
+                                'order, and label i of the data is the i-th line (e.g. ImageNet-R/-A on 1000 classes)')
+        group.add_argument('--retry', default=False, action='store_true',
+                           help='enable batch size decay & retry: a model that fails (e.g. CUDA out of memory) is '
+                                "evaluated again at timm's next smaller batch size (decay_batch_step), down to 1")
+        group.add_argument('--metrics-avg', type=str, default=None, choices=('micro', 'macro', 'weighted'),
+                           help='also report precision, recall and F1 of the top-1 predictions, averaged this way '
+                                "(scikit-learn's meaning; computed without it) (default: None)")
+        group.add_argument('--tf-preprocessing', action='store_true', default=False,
+                           help="use TensorFlow's preprocessing pipeline (timm's TfPreprocessTransform, needs CPU "
+                                'TensorFlow installed, an image folder and the prefetcher)')
+        group.add_argument('--naflex-loader', action='store_true', default=False,
+                           help="use timm's NaFlex loader (aspect-preserving patch sequences; needs a NaFlex model "
+                                'such as naflexvit_*)')
+        group.add_argument('--naflex-max-seq-len', type=int, default=576, metavar='N',
+                           help='fixed maximum sequence length (patches per image) for the NaFlex loader '
+                                '(default: 576)')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
     group.add_argument('--amp', action='store_true', default=False, help='use mixed precision')
     group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
@@ -422,7 +461,7 @@ def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str)
 _TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('lr', 0), ('workers', 0), ('grad_accum_steps', 1),
                  ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0),
                  ('val_interval', 1))
-_VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0))
+_VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0), ('naflex_max_seq_len', 1))
 
 
 def _check_minima(args: argparse.Namespace, minima) -> None:
@@ -465,7 +504,9 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
 # group is taken whole from the first source that sets any of it (--img-size replaces a saved --input-size)
 EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), ('crop_pct',), ('mean',), ('std',),
              ('interpolation',), ('model_kwargs',), ('bn_eps',))
-RESULTS_FORMATS = ('.csv', '.json')
+RESULTS_FORMATS = ('csv', 'json')
+MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
+JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')  # timm's set_jit_fuser names (legacy, nvf: aliases)
 
 
 def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -474,9 +515,28 @@ def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     _check_finite(args, parser)
     _check_minima(args, _VALIDATE_MINIMA)
-    if args.results_file and os.path.splitext(args.results_file)[1].lower() not in RESULTS_FORMATS:
-        raise ConfigError(f"--results-file {args.results_file!r} must end in {' or '.join(RESULTS_FORMATS)}")
+    extension = os.path.splitext(args.results_file)[1].lower()[1:]
+    if args.results_file and not args.results_format and extension not in RESULTS_FORMATS:
+        raise ConfigError(f"--results-file {args.results_file!r} must end in .csv or .json, or give --results-format "
+                          f"{' or '.join(RESULTS_FORMATS)}")
+    _check_validate_combinations(args)
     return args
+
+
+def _check_validate_combinations(args: argparse.Namespace) -> None:
+    """A ConfigError for validate.py options that exclude each other (timm asserts, or fails mid-run)."""
+    compilers = [flag for flag, on in (('--torchscript', args.torchscript), ('--torchcompile', args.torchcompile),
+                                       ('--aot-autograd', args.aot_autograd)) if on]
+    if len(compilers) > 1:
+        raise ConfigError(f"{' and '.join(compilers)} exclude each other; give one of them")
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise ConfigError(f"--amp needs a float32 model, not --model-dtype {args.model_dtype}; drop one of the two")
+    if args.naflex_loader and args.channels_last:
+        raise ConfigError("--channels-last does not apply to the NaFlex loader's patch sequences; drop one of the two")
+    if args.tf_preprocessing and (args.no_prefetcher or args.naflex_loader):
+        other = '--no-prefetcher' if args.no_prefetcher else '--naflex-loader'
+        raise ConfigError(f"--tf-preprocessing runs in timm's prefetching loader, not with {other}; drop one of "
+                          "the two")
 
 
 def _unset(value: Any) -> bool:

@@ -236,6 +236,13 @@ class _TrainLog:
             f"LR: {lr:.3e}  Data: {d.val:.3f} ({d.avg:.3f}){parts}")
 
 
+def _to_device(input, device: torch.device):
+    """A batch's input on `device`: a tensor, or a dict (timm's NaFlex loader: patches, coordinates, mask, length)."""
+    if isinstance(input, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
+    return input.to(device)
+
+
 @torch.no_grad()
 def validate(
         model: nn.Module,
@@ -266,7 +273,7 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = batch.input.to(device), batch.target.to(device)
+        input, target = _to_device(batch.input, device), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
@@ -280,7 +287,7 @@ def validate(
         top1, top5 = accuracy(output, target, topk=(1, k))
         if distributed:
             loss, top1, top5 = (reduce_tensor(t, world_size) for t in (loss, top1, top5))
-        n = input.size(0)
+        n = target.size(0)
         seen += n
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)

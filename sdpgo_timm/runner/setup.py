@@ -143,8 +143,9 @@ def resolve_lr(args: argparse.Namespace, log: bool = False) -> None:
                      f"global batch size ({global_batch:g}) with {args.lr_base_scale} scaling.")
 
 
-def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device):
-    """timm's evaluation loader (center crop, sharded in order under DDP)."""
+def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device,
+                       **kwargs):
+    """timm's evaluation loader (center crop, sharded in order under DDP); `kwargs` go to timm's create_loader."""
     return create_loader(
         dataset, input_size=data_config['input_size'],
         batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size,
@@ -153,7 +154,7 @@ def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: 
         crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         crop_border_pixels=getattr(args, 'crop_border_pixels', None), pin_memory=getattr(args, 'pin_mem', False),
         device=device,
-        use_prefetcher=not getattr(args, 'no_prefetcher', False))
+        use_prefetcher=not getattr(args, 'no_prefetcher', False), **kwargs)
 
 
 def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
