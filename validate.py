@@ -86,7 +86,8 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     on_output = call_all(real_labels.add_result if real_labels else None, scores.add_output if scores else None)
     amp_autocast, _ = create_autocast(args, device)
     metrics = validate(model, scores.batches(loader) if scores else loader, device=device, amp_autocast=amp_autocast,
-                       channels_last=args.channels_last, log_interval=args.log_freq, on_output=on_output)
+                       channels_last=args.channels_last, log_interval=args.log_freq, log_style='validate',
+                       on_output=on_output)
     if real_labels is not None:  # as timm's validate.py: ReaL accuracy replaces top-1/top-5
         metrics.update(top1=real_labels.get_accuracy(k=1), top5=real_labels.get_accuracy(k=real_labels.topk[-1]))
     class_metrics = scores.results() if scores else {}
