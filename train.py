@@ -25,7 +25,7 @@ from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import (
-    create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
+    check_aug_splits, create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
@@ -42,6 +42,7 @@ _logger = logging.getLogger('train')
 
 def run(args, args_text: str, cleanup: ExitStack) -> dict:
     """Train as `args` say; the run folder's lock is released when `cleanup` closes."""
+    check_aug_splits(args)
     device = init_device(args)
     # from here on SIGTERM / SIGUSR1 / SIGINT stop the run at a step (or before the first) instead of killing it
     preemption = cleanup.enter_context(PreemptionSignal(args.distributed, device))

@@ -212,9 +212,17 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--aa', type=str, default=None, metavar='NAME', help='AutoAugment policy, e.g. rand-m9-mstd0.5')
     group.add_argument('--aug-repeats', type=float, default=0,
                        help='number of augmentation repetitions (distributed training only)')
+    group.add_argument('--aug-splits', type=int, default=0,
+                       help='number of augmentation splits (AugMix: each image as a clean and N-1 augmented '
+                            'copies, batch rows split-major; default: 0, valid: 0 or >= 2)')
+    group.add_argument('--jsd-loss', action='store_true', default=False,
+                       help='Jensen-Shannon divergence + CE loss (timm\'s JsdCrossEntropy); use with --aug-splits')
     group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob')
     group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
     group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--resplit', action='store_true', default=False,
+                       help='do not random erase the first (clean) augmentation split (the first half of each '
+                            'batch without --aug-splits; needs the prefetcher)')
     group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0.')
     group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0.')
     group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
@@ -240,6 +248,9 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
     group.add_argument('--sync-bn', action='store_true', help='enable synchronized BatchNorm.')
+    group.add_argument('--split-bn', action='store_true', default=False,
+                       help='separate BatchNorm layers per augmentation split (timm\'s convert_splitbn_model; needs '
+                            '--aug-splits or --resplit)')
     group.add_argument('--dist-bn', type=str, default='reduce',
                        help='distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
     group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of model weights')
@@ -464,7 +475,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
 # training options that decide how a trained model is rebuilt and its evaluation data prepared, in groups: a
 # group is taken whole from the first source that sets any of it (--img-size replaces a saved --input-size)
 EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), ('crop_pct',), ('mean',), ('std',),
-             ('interpolation',), ('model_kwargs',), ('bn_eps',))
+             ('interpolation',), ('model_kwargs',), ('bn_eps',),
+             ('split_bn', 'aug_splits'))  # a --split-bn model holds aux BatchNorm layers (unused in evaluation)
 RESULTS_FORMATS = ('.csv', '.json')
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 import timm
 from timm.data import create_loader
-from timm.layers import set_fast_norm
+from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device
@@ -86,7 +86,8 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
 
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
-    """timm.create_model from the model flags; an unknown name lists close matches."""
+    """timm.create_model from the model flags (BatchNorm split per augmentation split with --split-bn); an unknown
+    name lists close matches."""
     if args.num_classes is None and dataset is not None:
         args.num_classes = dataset_num_classes(dataset)
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
@@ -125,6 +126,8 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
                           f"--model {args.model!r} with {args.num_classes} classes")
     if getattr(args, 'grad_checkpointing', False):
         model.set_grad_checkpointing(enable=True)
+    if getattr(args, 'split_bn', False):  # after the weights are in: the aux layers start from the main layer's
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
 
 
