@@ -259,6 +259,27 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay.')
 
 
+def _add_naflex_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('NaFlex loader parameters')
+    group.add_argument('--naflex-loader', action='store_true', default=False,
+                       help='use timm\'s NaFlex loader: patch batches of variable sequence length and batch size '
+                            '(needs a NaFlex model, e.g. naflexvit_*)')
+    group.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024],
+                       help='sequence lengths (patches per image) the NaFlex training loader draws from')
+    group.add_argument('--naflex-max-seq-len', type=int, default=576,
+                       help='fixed maximum sequence length of the NaFlex loader for validation')
+    group.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None,
+                       help='patch sizes for variable patch size training (e.g. 8 12 16 24 32; default: the model\'s); '
+                            'the model must take them (naflexvit: --model-kwargs enable_patch_interpolator=True)')
+    group.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None,
+                       help='probability of each --naflex-patch-sizes entry (uniform if not given)')
+    group.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'),
+                       help='scale each batch\'s loss (gradient) by its batch size relative to --batch-size')
+    group.add_argument('--naflex-patchify-channels-first', action='store_true', default=False,
+                       help='emit NaFlex patches in C-P-P (channels-first) flat layout instead of P-P-C, for models '
+                            'that take HF/Gemma4-style patches')
+
+
 def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Self-distillation (SDPGO) parameters')
     group.add_argument('--sdpgo', action='store_true', default=False, help='train with SDPGO self-distillation')
@@ -343,6 +364,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_model_args(parser)
     _add_optim_args(parser)
     _add_aug_args(parser)
+    _add_naflex_args(parser)
     _add_sdpgo_args(parser)
     _add_misc_args(parser)
     return parser

@@ -19,6 +19,7 @@ from timm.task import ClassificationTask, TrainingTask
 
 from ..skd import create_skd_task
 from .errors import ConfigError
+from .naflex import create_naflex_train_loader, model_patch_size
 from .recovery import ResumableLoader
 from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from ..task import half_batch_size
@@ -156,8 +157,9 @@ class PerSampleBCE(nn.Module):
 
 
 def create_mixup(args: argparse.Namespace, num_classes: int, replay_aware: bool) -> Optional[Mixup]:
-    """timm's Mixup (plain training) or ReplayMixup (replay data paths), None when off."""
-    if not mixup_active(args):
+    """timm's Mixup (plain training) or ReplayMixup (replay data paths), None when off or mixed by the NaFlex
+    loader."""
+    if not mixup_active(args) or args.naflex_loader:
         return None
     cls = ReplayMixup if replay_aware else Mixup
     return cls(
@@ -172,12 +174,17 @@ def create_train_loader(
         data_config: dict,
         device: torch.device,
         feed: Optional[str],
+        model: Optional[nn.Module] = None,
 ) -> ResumableLoader:
-    """The training loader, resumable mid-epoch.
+    """The training loader, resumable mid-epoch; with --naflex-loader timm's NaFlex loader at `model`'s patch size
+    (it cannot resume mid-epoch).
 
     With --aug-splits N each batch holds N splits of its images, split-major (clean rows first, then each
     augmented copy; targets repeated), as timm's loader gives them.
     """
+    if args.naflex_loader:
+        return ResumableLoader(create_naflex_train_loader(
+            args, dataset, data_config, device, model_patch_size(model, args.model)))
     common = dict(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,

@@ -24,6 +24,7 @@ from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 from ..compat import amp_loss_scale
 from ..protocol import Batch, SelfDistillationTask, as_batch
 from .errors import NonFiniteLossError
+from .naflex import batch_rows, input_to
 
 _logger = logging.getLogger(__name__)
 
@@ -126,13 +127,15 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
         synchronize_step: bool = False,
+        batch_loss_scale: Optional[Callable[[Any], Any]] = None,
 ) -> Dict[str, float]:
     """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
     loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step).
+    is synchronized if `synchronize_step` (timm's --synchronize-step). `batch_loss_scale(input)` is a factor
+    for each batch's loss before backward (timm's NaFlex loss scale); the logged loss is the unscaled one.
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
@@ -145,7 +148,7 @@ def train_one_epoch(
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
         batch: Batch = as_batch(batch)
-        input, target, index, num_replay = batch.input.to(device), batch.target.to(device), batch.index, 0
+        input, target, index, num_replay = input_to(batch.input, device), batch.target.to(device), batch.index, 0
         if batch.fresh_start:
             num_replay = task.replay_rows(batch.fresh_start)
             skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
@@ -163,16 +166,17 @@ def train_one_epoch(
             with amp_autocast():
                 out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
             loss = out['loss']
+            step_loss = loss if batch_loss_scale is None else loss * batch_loss_scale(input)
             if loss_scaler is not None:
-                loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                loss_scaler(step_loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, need_update=update)
             else:
-                (loss / grad_accum_steps).backward()
+                (step_loss / grad_accum_steps).backward()
                 if update:
                     if clip_grad is not None:
                         dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
                     optimizer.step()
-        meter.update(out, loss, len(input) - num_replay)
+        meter.update(out, loss, batch_rows(input) - num_replay)
         if update:
             optimizer.zero_grad()
             task.update_ema(step=num_updates)
@@ -231,7 +235,7 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = batch.input.to(device), batch.target.to(device)
+        input, target = input_to(batch.input, device), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
@@ -245,7 +249,7 @@ def validate(
         top1, top5 = accuracy(output, target, topk=(1, k))
         if distributed:
             loss, top1, top5 = (reduce_tensor(t, world_size) for t in (loss, top1, top5))
-        n = input.size(0)
+        n = batch_rows(input)
         seen += n
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)

@@ -30,6 +30,7 @@ from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, WriteError, atomic_write_text, load_weights_file,
     load_weights_into)
 from .errors import CheckpointError, ConfigError
+from .naflex import create_naflex_eval_loader, model_patch_size
 from .rundir import RunFolderLock, check_run_folder
 
 _logger = logging.getLogger(__name__)
@@ -141,8 +142,12 @@ def resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
 
 
-def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device):
-    """timm's evaluation loader (center crop, sharded in order under DDP)."""
+def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device,
+                       model: Optional[torch.nn.Module] = None):
+    """timm's evaluation loader (center crop, sharded in order under DDP); with --naflex-loader timm's NaFlex one
+    at `model`'s patch size."""
+    if getattr(args, 'naflex_loader', False):
+        return create_naflex_eval_loader(args, dataset, data_config, device, model_patch_size(model, args.model))
     return create_loader(
         dataset, input_size=data_config['input_size'],
         batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size,
