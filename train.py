@@ -26,10 +26,11 @@ from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import (
-    create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
+    check_aug_splits, create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
+from sdpgo_timm.runner.naflex import check_naflex_args, naflex_loss_scale
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
@@ -43,6 +44,8 @@ _logger = logging.getLogger('train')
 
 def run(args, args_text: str, cleanup: ExitStack) -> dict:
     """Train as `args` say; the run folder's lock is released when `cleanup` closes."""
+    check_aug_splits(args)
+    check_naflex_args(args)
     device = init_device(args)
     # from here on SIGTERM / SIGUSR1 / SIGINT stop the run at a step (or before the first) instead of killing it
     preemption = cleanup.enter_context(PreemptionSignal(args.distributed, device))
@@ -93,10 +96,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
     mixup_fn, mixup_collate = create_mixup(args, model.num_classes, feed)
-    loader_train = create_train_loader(args, dataset_train, data_config, device, feed, collate_fn=mixup_collate)
+    loader_train = create_train_loader(args, dataset_train, data_config, device, feed, collate_fn=mixup_collate,
+                                       model=model)
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
-    loader_eval = create_eval_loader(args, dataset_eval, data_config, device)
+    loader_eval = create_eval_loader(args, dataset_eval, data_config, device, model=model)
 
     resume_path = resolve_resume(args)
     point = ResumePoint()
@@ -177,7 +181,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
             log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch),
-            synchronize_step=args.synchronize_step)
+            synchronize_step=args.synchronize_step, batch_loss_scale=naflex_loss_scale(args))
         meter = None
         num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0

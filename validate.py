@@ -34,8 +34,9 @@ from sdpgo_timm.runner.engine import validate
 from sdpgo_timm.runner.errors import ConfigError, RunError
 from sdpgo_timm.runner.evaluation import (
     ClassMetrics, EvaluationFailed, ValidLabels, apply_test_pool, call_all, compile_eval_model, create_eval_model,
-    create_real_labels, create_validate_loader, eval_model_dtype, evaluate_with_retry, naflex_patch_size,
+    create_real_labels, create_validate_loader, eval_model_dtype, evaluate_with_retry,
     read_valid_labels, write_results)
+from sdpgo_timm.runner.naflex import model_patch_size
 from sdpgo_timm.runner.setup import create_autocast, default_device, setup_script_logging
 
 _logger = logging.getLogger('validate')
@@ -68,7 +69,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     valid_labels = read_valid_labels(args.valid_labels, model.num_classes, dataset) if args.valid_labels else None
     num_outputs = len(valid_labels) if valid_labels else model.num_classes
     real_labels = create_real_labels(args.real_labels, dataset, num_outputs) if args.real_labels else None
-    patch_size = naflex_patch_size(model) if args.naflex_loader else None
+    patch_size = model_patch_size(model, args.model) if args.naflex_loader else None
     random_seed(args.seed)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
     if args.test_pool:

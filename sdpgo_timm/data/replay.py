@@ -234,6 +234,7 @@ def create_replay_loader(
         re_prob: float = 0.,
         re_mode: str = 'const',
         re_count: int = 1,
+        re_split: bool = False,
         train_crop_mode: Optional[str] = None,
         scale: Optional[Tuple[float, float]] = None,
         ratio: Optional[Tuple[float, float]] = None,
@@ -270,6 +271,7 @@ def create_replay_loader(
 
     Args:
         batch_size: Model batch n (replay + fresh) per step and rank; even.
+        re_split: Random erasing spares the first half of each batch, its replay half (timm's --resplit).
         seed: Seed of the sample order, the same on every rank.
         shuffle, drop_last, num_replicas, rank: See `ReplayBatchSampler`.
     """
@@ -328,6 +330,7 @@ def create_replay_loader(
             re_prob=re_prob if is_training and not no_aug else 0.,
             re_mode=re_mode,
             re_count=re_count,
+            re_num_splits=2 if re_split else 0,  # as timm's create_loader: the first half (replay) is not erased
         )
     return ReplayLoader(loader, sampler, dataset)
 

@@ -230,9 +230,17 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--aa', type=str, default=None, metavar='NAME', help='AutoAugment policy, e.g. rand-m9-mstd0.5')
     group.add_argument('--aug-repeats', type=float, default=0,
                        help='number of augmentation repetitions (distributed training only)')
+    group.add_argument('--aug-splits', type=int, default=0,
+                       help='number of augmentation splits (AugMix: each image as a clean and N-1 augmented '
+                            'copies, batch rows split-major; default: 0, valid: 0 or >= 2)')
+    group.add_argument('--jsd-loss', action='store_true', default=False,
+                       help='Jensen-Shannon divergence + CE loss (timm\'s JsdCrossEntropy); use with --aug-splits')
     group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob')
     group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
     group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--resplit', action='store_true', default=False,
+                       help='do not random erase the first (clean) augmentation split (the first half of each '
+                            'batch without --aug-splits; needs the prefetcher)')
     group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0.')
     group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0.')
     group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
@@ -258,12 +266,39 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
     group.add_argument('--sync-bn', action='store_true', help='enable synchronized BatchNorm.')
+    group.add_argument('--split-bn', action='store_true', default=False,
+                       help='separate BatchNorm layers per augmentation split (timm\'s convert_splitbn_model; needs '
+                            '--aug-splits or --resplit)')
     group.add_argument('--dist-bn', type=str, default='reduce',
                        help='distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
     group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of model weights')
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='keep the EMA on the CPU')
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay factor for model weights EMA')
     group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay.')
+
+
+def _add_naflex_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    group = parser.add_argument_group('NaFlex loader parameters')
+    group.add_argument('--naflex-loader', action='store_true', default=False,
+                       help='use timm\'s NaFlex loader: aspect-preserving patch sequences (in training of variable '
+                            'sequence length and batch size); needs a NaFlex model, e.g. naflexvit_*')
+    group.add_argument('--naflex-max-seq-len', type=int, default=576, metavar='N',
+                       help='fixed maximum sequence length (patches per image) of the NaFlex loader for evaluation '
+                            '(default: 576)')
+    if not training:
+        return
+    group.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024],
+                       help='sequence lengths (patches per image) the NaFlex training loader draws from')
+    group.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None,
+                       help='patch sizes for variable patch size training (e.g. 8 12 16 24 32; default: the model\'s); '
+                            'the model must take them (naflexvit: --model-kwargs enable_patch_interpolator=True)')
+    group.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None,
+                       help='probability of each --naflex-patch-sizes entry (uniform if not given)')
+    group.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'),
+                       help='scale each batch\'s loss (gradient) by its batch size relative to --batch-size')
+    group.add_argument('--naflex-patchify-channels-first', action='store_true', default=False,
+                       help='emit NaFlex patches in C-P-P (channels-first) flat layout instead of P-P-C, for models '
+                            'that take HF/Gemma4-style patches')
 
 
 def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
@@ -330,12 +365,6 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
         group.add_argument('--tf-preprocessing', action='store_true', default=False,
                            help="use TensorFlow's preprocessing pipeline (timm's TfPreprocessTransform, needs CPU "
                                 'TensorFlow installed, an image folder and the prefetcher)')
-        group.add_argument('--naflex-loader', action='store_true', default=False,
-                           help="use timm's NaFlex loader (aspect-preserving patch sequences; needs a NaFlex model "
-                                'such as naflexvit_*)')
-        group.add_argument('--naflex-max-seq-len', type=int, default=576, metavar='N',
-                           help='fixed maximum sequence length (patches per image) for the NaFlex loader '
-                                '(default: 576)')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes (default: 4)')
     group.add_argument('--amp', action='store_true', default=False, help='use mixed precision')
     group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
@@ -371,6 +400,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_model_args(parser)
     _add_optim_args(parser)
     _add_aug_args(parser)
+    _add_naflex_args(parser)
     _add_sdpgo_args(parser)
     _add_misc_args(parser)
     return parser
@@ -381,6 +411,7 @@ def create_validate_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description='evaluate timm models and SDPGO training checkpoints')
     _add_data_args(parser, training=False)
     _add_model_args(parser, training=False)
+    _add_naflex_args(parser, training=False)
     _add_misc_args(parser, training=False)
     return parser
 
@@ -503,7 +534,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
 # training options that decide how a trained model is rebuilt and its evaluation data prepared, in groups: a
 # group is taken whole from the first source that sets any of it (--img-size replaces a saved --input-size)
 EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), ('crop_pct',), ('mean',), ('std',),
-             ('interpolation',), ('model_kwargs',), ('bn_eps',))
+             ('interpolation',), ('model_kwargs',), ('bn_eps',),
+             ('split_bn', 'aug_splits'))  # a --split-bn model holds aux BatchNorm layers (unused in evaluation)
 RESULTS_FORMATS = ('csv', 'json')
 MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
 JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')  # timm's set_jit_fuser names (legacy, nvf: aliases)

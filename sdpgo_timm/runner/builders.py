@@ -11,13 +11,15 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from timm.data import FastCollateMixup, Mixup, create_loader
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import ClassificationTask, TrainingTask
 
 from ..skd import create_skd_task
+from .errors import ConfigError
+from .naflex import create_naflex_train_loader, model_patch_size
 from .recovery import ResumableLoader
 from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from ..task import half_batch_size
@@ -32,6 +34,35 @@ def skd_method(args: argparse.Namespace) -> Optional[str]:
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def check_aug_splits(args: argparse.Namespace) -> None:
+    """A ConfigError for an AugMix option (--aug-splits, --jsd-loss, --split-bn, --resplit) that cannot be used
+    as given: timm's train.py asserts the same."""
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        raise ConfigError(f"--aug-splits must be 0 (off) or >= 2, got {args.aug_splits}: a split of 1 makes no sense")
+    if args.jsd_loss and not args.aug_splits:
+        raise ConfigError("--jsd-loss compares the augmentation splits: give --aug-splits N (N >= 2) too")
+    if args.split_bn and not (args.aug_splits or args.resplit):
+        raise ConfigError("--split-bn keeps BatchNorm layers per augmentation split: give --aug-splits N (N >= 2) "
+                          "or --resplit too")
+    if args.split_bn and args.sync_bn:
+        raise ConfigError("--split-bn does not combine with --sync-bn (timm's train.py refuses it); drop one")
+    if args.split_bn and not args.aug_splits and args.batch_size % 2:
+        raise ConfigError(f"--split-bn with --resplit splits each batch in halves: --batch-size {args.batch_size} "
+                          "must be even")
+    if args.resplit and args.no_prefetcher and args.reprob > 0:
+        raise ConfigError("--resplit spares the clean split from random erasing in timm's prefetcher only: with "
+                          "--no-prefetcher every row is erased; drop --no-prefetcher or --resplit")
+    if args.aug_splits and mixup_active(args):
+        raise ConfigError("--aug-splits does not combine with --mixup/--cutmix (timm's train.py refuses it: Mixup "
+                          "would mix rows of different splits); drop one")
+    method = skd_method(args)
+    if method and (args.aug_splits or args.split_bn):
+        flag = '--aug-splits' if args.aug_splits else '--split-bn'
+        raise ConfigError(f"{flag} does not combine with {'--sdpgo' if args.sdpgo else '--skd ' + method}: it makes "
+                          "a batch's rows augmented copies (or BatchNorm splits) of its images, while self-"
+                          "distillation pairs a replay half with a fresh half; drop one (--resplit alone combines)")
 
 
 def resolve_feed(args: argparse.Namespace, dataset: Dataset) -> Optional[str]:
@@ -79,7 +110,9 @@ def create_train_task(
     bce = args.bce_loss and (mixup or args.smoothing)
     bce_options = dict(target_threshold=args.bce_target_thresh, pos_weight=args.bce_pos_weight)
     if method is None:
-        if bce:
+        if args.jsd_loss:
+            criterion = JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+        elif bce:
             criterion = BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, sum_classes=args.bce_sum,
                                            **bce_options)
         elif mixup:
@@ -125,14 +158,15 @@ class PerSampleBCE(nn.Module):
 
 def create_mixup(
         args: argparse.Namespace, num_classes: int, feed: Optional[str]) -> Tuple[Optional[Mixup], Optional[Mixup]]:
-    """Mixup/CutMix as (a batch transform the loop applies, a collate function for the loader); (None, None) off.
+    """Mixup/CutMix as (a batch transform the loop applies, a collate function for the loader); (None, None) off
+    or mixed by the NaFlex loader.
 
     Plain training with timm's prefetcher mixes in the loader's collate (timm's FastCollateMixup, on uint8
     images) as timm's train.py does, so that a plain run draws and rounds what timm's does; without the prefetcher
     it is timm's Mixup in the loop. The replay data paths mix in the loop with ReplayMixup (the replayed half
     keeps its mix); PS-KD's indexed batches with timm's Mixup.
     """
-    if not mixup_active(args):
+    if not mixup_active(args) or args.naflex_loader:
         return None, None
     options = dict(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
@@ -152,8 +186,17 @@ def create_train_loader(
         device: torch.device,
         feed: Optional[str],
         collate_fn: Optional[Callable] = None,
+        model: Optional[nn.Module] = None,
 ) -> ResumableLoader:
-    """The training loader, resumable mid-epoch; `collate_fn` (plain batches only) is create_mixup's collate."""
+    """The training loader, resumable mid-epoch; `collate_fn` (plain batches only) is create_mixup's collate.
+    With --naflex-loader timm's NaFlex loader at `model`'s patch size (it cannot resume mid-epoch).
+
+    With --aug-splits N each batch holds N splits of its images, split-major (clean rows first, then each
+    augmented copy; targets repeated), as timm's loader gives them.
+    """
+    if args.naflex_loader:
+        return ResumableLoader(create_naflex_train_loader(
+            args, dataset, data_config, device, model_patch_size(model, args.model)))
     common = dict(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
@@ -165,6 +208,7 @@ def create_train_loader(
         worker_seeding=args.worker_seeding,
         # fresh workers each epoch: their seeds then follow the per-epoch reseed, so a resume is exact
         persistent_workers=False)
+    common['re_split'] = args.resplit
     if feed == 'views':
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
@@ -174,10 +218,24 @@ def create_train_loader(
     if feed == 'tensors' and mixup_active(args) and batch_size % 2:
         raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
                          "must be a multiple of 4")
+    if args.aug_splits:
+        dataset = AugMixDataset(dataset, num_splits=args.aug_splits)
+        common['num_aug_splits'] = args.aug_splits
+        if args.no_prefetcher:  # timm's default collate would give a list of split tensors
+            common['collate_fn'] = _concat_splits
     if feed == 'indexed':
         loader = create_indexed_loader(
             dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
     else:
-        loader = create_loader(dataset, batch_size=batch_size, distributed=args.distributed,
-                               num_aug_repeats=args.aug_repeats, collate_fn=collate_fn, **common)
+        if collate_fn is not None:
+            common['collate_fn'] = collate_fn
+        loader = create_loader(
+            dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
     return ResumableLoader(loader)
+
+
+def _concat_splits(batch):
+    """Collate AugMix samples (a tuple of N tensors each) as timm's fast_collate does, without the prefetcher:
+    one tensor, split-major, with the targets repeated N times."""
+    splits, target = default_collate(batch)
+    return torch.cat(splits), target.repeat(len(splits))

@@ -9,7 +9,6 @@ optimizer, and the epoch's metrics come back as a dict. Their running sums live 
 """
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 from ..compat import amp_loss_scale
 from ..protocol import Batch, SelfDistillationTask, as_batch
 from .errors import NonFiniteLossError
+from .naflex import batch_rows, input_to
 
 _logger = logging.getLogger(__name__)
 
@@ -97,15 +97,18 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
         synchronize_step: bool = False,
+        batch_loss_scale: Optional[Callable[[Any], Any]] = None,
 ) -> Dict[str, float]:
     """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
     loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step). Progress lines are timm's (`Train:`),
-    every `log_interval` optimizer updates counted from 0 and at the last, with the task's loss parts after
-    timm's fields; under DDP their losses are means over the processes (a collective on every rank).
+    is synchronized if `synchronize_step` (timm's --synchronize-step). `batch_loss_scale(input)` is a factor
+    for each batch's loss before backward (timm's NaFlex loss scale); the logged loss is the unscaled one.
+    Progress lines are timm's (`Train:`), every `log_interval` optimizer updates counted from 0 and at the last,
+    with the task's loss parts after timm's fields; under DDP their losses are means over the processes (a
+    collective on every rank).
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
@@ -121,7 +124,7 @@ def train_one_epoch(
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
         batch: Batch = as_batch(batch)
-        input, target, index, num_replay = batch.input.to(device), batch.target.to(device), batch.index, 0
+        input, target, index, num_replay = input_to(batch.input, device), batch.target.to(device), batch.index, 0
         if batch.fresh_start:
             num_replay = task.replay_rows(batch.fresh_start)
             skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
@@ -131,7 +134,7 @@ def train_one_epoch(
             input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
-        log.data_ready(len(input))
+        log.data_ready(batch_rows(input))
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
         scale = amp_loss_scale(loss_scaler) / grad_accum_steps
@@ -140,16 +143,17 @@ def train_one_epoch(
             with amp_autocast():
                 out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
             loss = out['loss']
+            step_loss = loss if batch_loss_scale is None else loss * batch_loss_scale(input)
             if loss_scaler is not None:
-                loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                loss_scaler(step_loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, create_graph=second_order, need_update=update)
             else:
-                (loss / grad_accum_steps).backward(create_graph=second_order)
+                (step_loss / grad_accum_steps).backward(create_graph=second_order)
                 if update:
                     if clip_grad is not None:
                         dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
                     optimizer.step()
-        meter.update(out, loss, len(input) - num_replay)
+        meter.update(out, loss, batch_rows(input) - num_replay)
         if not update:
             log.batch_done()
             continue
@@ -236,13 +240,6 @@ class _TrainLog:
             f"LR: {lr:.3e}  Data: {d.val:.3f} ({d.avg:.3f}){parts}")
 
 
-def _to_device(input, device: torch.device):
-    """A batch's input on `device`: a tensor, or a dict (timm's NaFlex loader: patches, coordinates, mask, length)."""
-    if isinstance(input, dict):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
-    return input.to(device)
-
-
 @torch.no_grad()
 def validate(
         model: nn.Module,
@@ -273,7 +270,7 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = _to_device(batch.input, device), batch.target.to(device)
+        input, target = input_to(batch.input, device), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():

@@ -12,14 +12,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
-from timm.data import ImageDataset, RealLabelsImagenet, create_naflex_loader
+from timm.data import ImageDataset, RealLabelsImagenet
 from timm.layers import apply_test_time_pool, set_layer_config
-from timm.models.naflexvit import NaFlexVit
 from timm.utils import check_batch_size_retry, decay_batch_step, reparameterize_model
 
 from ..data.factory import check_same_classes, dataset_num_classes
 from .checkpoint import CLASSES, atomic_write_text, load_weights_into
 from .errors import ConfigError, RunError, one_line
+from .naflex import create_naflex_eval_loader
 from .setup import check_checkpoint_arch, create_eval_loader, create_timm_model
 
 _logger = logging.getLogger(__name__)
@@ -146,14 +146,6 @@ class ValidLabels(nn.Module):
         return output[:, self.labels]
 
 
-def naflex_patch_size(model: nn.Module) -> Tuple[int, int]:
-    """The patch size timm's NaFlex loader cuts images into for `model`; a ConfigError unless it is a NaFlex model."""
-    if not isinstance(model, NaFlexVit):
-        raise ConfigError(f"--naflex-loader needs a NaFlex model (naflexvit_*) that takes patch sequences; "
-                          f"{type(model).__name__} takes images: leave the flag out")
-    return model.embeds.patch_size
-
-
 class MapBatches:
     """A loader whose batches go through `fn` as they are read; its length is the loader's."""
 
@@ -202,12 +194,9 @@ def create_validate_loader(
     """validate.py's loader: timm's NaFlex loader of `patch_size` patches (--naflex-loader), else timm's evaluation
     loader, with TensorFlow preprocessing for --tf-preprocessing; inputs come in the model's `dtype`."""
     if args.naflex_loader:
-        loader = create_naflex_loader(
-            dataset, patch_size=patch_size, max_seq_len=args.naflex_max_seq_len, batch_size=args.batch_size,
-            is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-            std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
-            crop_border_pixels=args.crop_border_pixels, num_workers=args.workers, pin_memory=args.pin_mem,
-            device=device, img_dtype=dtype or torch.float32, use_prefetcher=not args.no_prefetcher)
+        loader = create_naflex_eval_loader(
+            args, dataset, data_config, device, patch_size, crop_mode=data_config.get('crop_mode'),
+            crop_border_pixels=args.crop_border_pixels, img_dtype=dtype or torch.float32)
     else:
         if args.tf_preprocessing:
             _check_tf_preprocessing(dataset)

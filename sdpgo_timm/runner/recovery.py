@@ -152,11 +152,15 @@ class ResumableLoader:
         return self.loader.sampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order: the replay loader's, or the DistributedSampler's."""
+        """Select the epoch's order: the replay loader's, or the DistributedSampler's; and a dataset's own that
+        orders itself by epoch (timm's NaFlex loader's, a streaming one's), as timm's train.py does."""
         if hasattr(self.loader, 'set_epoch'):
             self.loader.set_epoch(epoch)
         elif hasattr(self.loader.sampler, 'set_epoch'):
             self.loader.sampler.set_epoch(epoch)
+        dataset = _data_loader(self.loader).dataset
+        if hasattr(dataset, 'set_epoch'):
+            dataset.set_epoch(epoch)
 
     def state_dict(self) -> Dict[str, Any]:
         """Batches done this epoch, and the RNG states to replay from there (collect at the checkpoint)."""

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 import timm
 from timm.data import create_loader
-from timm.layers import set_fast_norm
+from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device
@@ -30,6 +30,7 @@ from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,
     load_weights_into)
 from .errors import CheckpointError, ConfigError
+from .naflex import create_naflex_eval_loader, model_patch_size
 from .recovery import get_rng_state
 from .rundir import RunFolderLock, check_run_folder
 
@@ -87,7 +88,8 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
 
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
-    """timm.create_model from the model flags; an unknown name lists close matches."""
+    """timm.create_model from the model flags (BatchNorm split per augmentation split with --split-bn); an unknown
+    name lists close matches."""
     if args.num_classes is None and dataset is not None:
         args.num_classes = dataset_num_classes(dataset)
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
@@ -126,6 +128,8 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
                           f"--model {args.model!r} with {args.num_classes} classes")
     if getattr(args, 'grad_checkpointing', False):
         model.set_grad_checkpointing(enable=True)
+    if getattr(args, 'split_bn', False):  # after the weights are in: the aux layers start from the main layer's
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
 
 
@@ -144,8 +148,11 @@ def resolve_lr(args: argparse.Namespace, log: bool = False) -> None:
 
 
 def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: dict, device: torch.device,
-                       **kwargs):
-    """timm's evaluation loader (center crop, sharded in order under DDP); `kwargs` go to timm's create_loader."""
+                       model: Optional[torch.nn.Module] = None, **kwargs):
+    """timm's evaluation loader (center crop, sharded in order under DDP); `kwargs` go to timm's create_loader.
+    With --naflex-loader timm's NaFlex one at `model`'s patch size."""
+    if getattr(args, 'naflex_loader', False):
+        return create_naflex_eval_loader(args, dataset, data_config, device, model_patch_size(model, args.model))
     return create_loader(
         dataset, input_size=data_config['input_size'],
         batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size,

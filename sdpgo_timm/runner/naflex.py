@@ -1,0 +1,178 @@
+"""timm's NaFlex loader in train.py (--naflex-loader): its loaders, its batches, its per-batch loss scale.
+
+A NaFlex batch's input is a dict of patches (`patches`, `patch_coord`, `patch_valid`, `seq_len`)
+whose batch size varies from step to step: the loader draws a sequence length per batch
+(--naflex-train-seq-lens) and fits as many images as a fixed token budget allows. timm's
+train.py therefore scales each batch's loss by its size relative to --batch-size
+(--naflex-loss-scale) and, under DDP, by this rank's share of the global batch; `NaFlexLossScale`
+does the same for our loop. Loaders and mixing are timm's (create_naflex_loader, NaFlexMixup).
+"""
+import argparse
+from typing import Any, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import Dataset, IterableDataset
+
+from timm.data import NaFlexMixup, create_naflex_loader
+from timm.data.naflex_loader import NaFlexPrefetchLoader
+
+from .errors import ConfigError
+
+PatchSize = Tuple[int, int]
+
+
+def input_to(input: Any, device: torch.device) -> Any:
+    """A batch input on `device`: an image tensor, or each tensor of a NaFlex dict (others, e.g. `seq_len`, as
+    they are)."""
+    if isinstance(input, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
+    return input.to(device)
+
+
+def batch_rows(input: Any) -> int:
+    """The batch size of an input: an image tensor's rows, or a NaFlex dict's images."""
+    return input['patches'].shape[0] if isinstance(input, dict) else len(input)
+
+
+def check_naflex_args(args: argparse.Namespace) -> None:
+    """A ConfigError for each option --naflex-loader cannot go with (timm refuses most of them too)."""
+    if not args.naflex_loader:
+        return
+    if args.sdpgo or args.skd:
+        method = '--sdpgo' if args.sdpgo else f'--skd {args.skd}'
+        raise ConfigError(f"--naflex-loader does not combine with {method}: NaFlex batches vary in size and sequence "
+                          "length, so there is no fixed replay half to distil from; drop one of them")
+    conflicts = (
+        (getattr(args, 'train_img_sizes', None) is not None,
+         '--naflex-loader and --train-img-sizes are alternative loader modes; pick one'),
+        (getattr(args, 'use_multi_epochs_loader', False),
+         '--use-multi-epochs-loader is not supported with --naflex-loader; drop it'),
+        (args.aug_splits > 1, "--aug-splits is not supported by the NaFlex loader; drop it or --naflex-loader"),
+        (args.resplit, "--resplit is not supported by the NaFlex loader; drop it"),
+        (args.aug_repeats, "--aug-repeats is not supported by the NaFlex loader; drop it or --naflex-loader"),
+        (args.channels_last, "--channels-last does not apply to NaFlex patch batches; drop it"),
+        (args.recovery_interval, "--recovery-interval cannot resume a NaFlex loader mid-epoch (its batches are "
+                                 "drawn inside the dataset); drop it: epoch checkpoints still resume"),
+        (args.naflex_patch_size_probs and not args.naflex_patch_sizes,
+         "--naflex-patch-size-probs weighs --naflex-patch-sizes: give those too"),
+        (args.naflex_patch_size_probs and args.naflex_patch_sizes
+         and len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes),
+         '--naflex-patch-size-probs must have same length as --naflex-patch-sizes'),
+    )
+    for conflict, message in conflicts:
+        if conflict:
+            raise ConfigError(message)
+    for name in ('naflex_train_seq_lens', 'naflex_patch_sizes'):
+        if any(n < 1 for n in getattr(args, name) or ()):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.naflex_max_seq_len < 1:
+        raise ConfigError(f"--naflex-max-seq-len must be >= 1, got {args.naflex_max_seq_len}")
+
+
+def model_patch_size(model: nn.Module, model_name: str) -> PatchSize:
+    """The patch size of a NaFlex model (its `get_patch_size()`); a ConfigError for any other model."""
+    if not hasattr(model, 'get_patch_size'):
+        raise ConfigError(f"--naflex-loader needs a NaFlex model (one with get_patch_size(), e.g. naflexvit_*), and "
+                          f"--model {model_name!r} is not one")
+    return tuple(model.get_patch_size())
+
+
+def _common_kwargs(args: argparse.Namespace, data_config: dict, device: torch.device) -> dict:
+    """create_naflex_loader's arguments shared by training and validation."""
+    return dict(
+        mean=data_config['mean'], std=data_config['std'], channels=data_config['input_size'][0],
+        pin_memory=args.pin_mem, device=device, distributed=getattr(args, 'distributed', False),
+        use_prefetcher=not args.no_prefetcher,
+        # validate.py has no --naflex-patchify-channels-first (timm's neither): channels last, timm's default
+        patchify_channels_last=not getattr(args, 'naflex_patchify_channels_first', False))
+
+
+def create_naflex_train_loader(
+        args: argparse.Namespace,
+        dataset: Dataset,
+        data_config: dict,
+        device: torch.device,
+        patch_size: PatchSize,
+) -> Union[torch.utils.data.DataLoader, NaFlexPrefetchLoader]:
+    """timm's NaFlex training loader, with NaFlexMixup when Mixup/CutMix is on (it mixes inside the loader).
+
+    Its sample order and --mixup-off-epoch follow its dataset's `set_epoch`; it cannot resume mid-epoch.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise ConfigError("--naflex-loader needs an indexable dataset, but this one streams; drop --naflex-loader")
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        # timm's NaFlexMixup has no --mixup-mode or --cutmix-minmax
+        mixup_fn = NaFlexMixup(
+            num_classes=args.num_classes, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+            mixup_off_epoch=args.mixup_off_epoch)
+    patch_kwargs = dict(patch_size=patch_size)
+    if args.naflex_patch_sizes:
+        patch_kwargs = dict(patch_size_choices=args.naflex_patch_sizes,
+                            patch_size_choice_probs=args.naflex_patch_size_probs)
+    return create_naflex_loader(
+        dataset, train_seq_lens=args.naflex_train_seq_lens, batch_size=args.batch_size, is_training=True,
+        mixup_fn=mixup_fn, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+        auto_augment=args.aa, interpolation=args.train_interpolation, num_workers=args.workers,
+        rank=args.rank, world_size=args.world_size, seed=args.seed, worker_seeding=args.worker_seeding,
+        # fresh workers each epoch, as the other training loaders: they then follow the per-epoch reseed
+        persistent_workers=False, **patch_kwargs, **_common_kwargs(args, data_config, device))
+
+
+def create_naflex_eval_loader(
+        args: argparse.Namespace,
+        dataset: Dataset,
+        data_config: dict,
+        device: torch.device,
+        patch_size: PatchSize,
+        **kwargs: Any,
+) -> Union[torch.utils.data.DataLoader, NaFlexPrefetchLoader]:
+    """timm's NaFlex evaluation loader (train.py's and validate.py's): every image at the model's patch size, up to
+    --naflex-max-seq-len patches; `kwargs` (crop mode, input dtype) go to timm's create_naflex_loader."""
+    return create_naflex_loader(
+        dataset, patch_size=patch_size, max_seq_len=args.naflex_max_seq_len,
+        batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], num_workers=args.workers,
+        **_common_kwargs(args, data_config, device), **kwargs)
+
+
+class NaFlexLossScale:
+    """The factor each NaFlex batch's loss is multiplied by before backward (timm's train.py does the same).
+
+    `mode` (--naflex-loss-scale): 'linear' scales by the batch's size over `reference` (--batch-size), 'sqrt' by
+    its square root, 'none' not at all, so that a batch of many short sequences weighs more than one of a few
+    long ones. Under DDP also by world size x this rank's batch / the global batch (ranks' batches differ, and
+    DDP averages their gradients with equal weights): a collective call, on every rank every step.
+    """
+
+    def __init__(self, mode: str, reference: float, distributed: bool = False, world_size: int = 1):
+        self.mode = mode
+        self.reference = float(reference)
+        self.distributed = distributed
+        self.world_size = world_size
+
+    def __call__(self, input: dict) -> Union[float, torch.Tensor]:
+        rows = batch_rows(input)
+        scale: Union[float, torch.Tensor] = 1.0
+        if self.mode != 'none':
+            scale = rows / self.reference
+            if self.mode == 'sqrt':
+                scale = scale ** 0.5
+        if self.distributed:
+            total = torch.tensor(float(rows), device=input['patches'].device)
+            dist.all_reduce(total)  # a tensor, not a number: no host sync
+            scale = scale * self.world_size * rows / total
+        return scale
+
+
+def naflex_loss_scale(args: argparse.Namespace) -> Optional[NaFlexLossScale]:
+    """The per-batch loss scale of a --naflex-loader run, else None."""
+    if not args.naflex_loader:
+        return None
+    return NaFlexLossScale(args.naflex_loss_scale, args.batch_size, args.distributed, args.world_size)
