@@ -9,6 +9,7 @@ optimizer, and the epoch's metrics come back as a dict. Their running sums live 
 """
 import logging
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -126,13 +127,19 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
         synchronize_step: bool = False,
+        input_dtype: Optional[torch.dtype] = None,
+        batch_loss_scale: Optional[Callable[[int], float]] = None,
+        save_images_dir: Optional[str] = None,
 ) -> Dict[str, float]:
     """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
     loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step).
+    is synchronized if `synchronize_step` (timm's --synchronize-step). timm's options: inputs are cast to
+    `input_dtype` (--model-dtype); `batch_loss_scale(batch size)` weighs each batch's gradient
+    (--variable-batch-loss-scale); `save_images_dir` receives the input batch of each logged step as
+    train-batch-N.jpg (--save-images).
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
@@ -145,7 +152,7 @@ def train_one_epoch(
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
         batch: Batch = as_batch(batch)
-        input, target, index, num_replay = batch.input.to(device), batch.target.to(device), batch.index, 0
+        input, target, index, num_replay = batch.input.to(device, input_dtype), batch.target.to(device), batch.index, 0
         if batch.fresh_start:
             num_replay = task.replay_rows(batch.fresh_start)
             skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
@@ -157,17 +164,18 @@ def train_one_epoch(
             input = input.contiguous(memory_format=torch.channels_last)
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
-        scale = amp_loss_scale(loss_scaler) / grad_accum_steps
+        weight = batch_loss_scale(len(input)) if batch_loss_scale is not None else 1.
+        scale = amp_loss_scale(loss_scaler) * weight / grad_accum_steps
         sync = nullcontext() if update else task.no_sync()
         with sync:
             with amp_autocast():
                 out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
             loss = out['loss']
             if loss_scaler is not None:
-                loss_scaler(loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                loss_scaler(loss * weight / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, need_update=update)
             else:
-                (loss / grad_accum_steps).backward()
+                (loss * weight / grad_accum_steps).backward()
                 if update:
                     if clip_grad is not None:
                         dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
@@ -184,6 +192,9 @@ def train_one_epoch(
                 torch.cuda.synchronize(device)
             if on_step is not None:
                 on_step(num_updates, meter)
+            if save_images_dir and ((batch_idx // grad_accum_steps) % max(1, log_interval) == 0
+                                    or batch_idx + 1 == num_batches):
+                _save_input_batch(input, save_images_dir, batch_idx)
         if progress.due(batch_idx):
             meter.check_finite(epoch)
         progress.update(batch_idx, lambda: _status(meter, world_size, start, first_seen))
@@ -196,6 +207,13 @@ def train_one_epoch(
         img_per_sec=(meter.model_seen - first_seen) * world_size / max(elapsed, 1e-6), epoch_time=elapsed,
         num_updates=num_updates)
     return metrics
+
+
+def _save_input_batch(input: torch.Tensor, folder: str, batch_idx: int) -> None:
+    """timm's --save-images: the model's input batch as one normalized image grid, train-batch-<batch_idx>.jpg."""
+    from torchvision.utils import save_image  # torchvision comes with timm; imported only when asked for
+    save_image(input.detach().float(), os.path.join(folder, f'train-batch-{batch_idx}.jpg'), padding=0,
+               normalize=True)
 
 
 def _status(meter: TrainMeter, world_size: int, start: float, first_seen: int) -> str:
@@ -217,11 +235,15 @@ def validate(
         world_size: int = 1,
         log_interval: int = 0,
         on_output: Optional[Callable[[torch.Tensor], None]] = None,
+        input_dtype: Optional[torch.dtype] = None,
+        tta: int = 0,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader.
 
     `log_interval` > 0 logs the running metrics every that many batches (validate.py's --log-freq);
-    `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet).
+    `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet). Inputs are
+    cast to `input_dtype`; `tta` > 1 (timm's --tta) averages the outputs of each `tta` consecutive inputs, the
+    augmented views of one image, which are scored as that image with its first view's target.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss()
@@ -231,13 +253,16 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = batch.input.to(device), batch.target.to(device)
+        input, target = batch.input.to(device, input_dtype), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(input)
         if isinstance(output, (tuple, list)):
             output = output[0]
+        if tta > 1:  # a last group short of `tta` views is dropped, as unfold does
+            output = output.unfold(0, tta, tta).mean(dim=2)
+            target = target[:len(output) * tta:tta]
         if on_output is not None:
             on_output(output)
         loss = criterion(output.float(), target)
@@ -245,8 +270,8 @@ def validate(
         top1, top5 = accuracy(output, target, topk=(1, k))
         if distributed:
             loss, top1, top5 = (reduce_tensor(t, world_size) for t in (loss, top1, top5))
-        n = input.size(0)
-        seen += n
+        n = output.size(0)
+        seen += input.size(0)
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)
         meters['top5'].update(top5.item(), n)

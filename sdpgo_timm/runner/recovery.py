@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from timm.data.loader import MultiEpochsDataLoader
+
 from ..compat import swap_batch_sampler
 from .checkpoint import POSITION
 from .engine import TrainMeter
@@ -112,17 +114,29 @@ class ResumableLoader:
     would have had, augmentations included. With worker processes the sample order is, but
     augmentations happen in the workers, whose RNG states are not saved: only the state at the
     checkpoint is restored (and none is noted per batch, which costs ~0.1 ms). Streaming
-    (iterable) datasets cannot skip batches without reading them: `resumable` is False.
+    (iterable) datasets cannot skip batches without reading them, and timm's multi-epochs
+    loader runs one pass on across epochs: `resumable` is False, and `not_resumable` says why.
     """
 
     def __init__(self, loader):
         self.loader = loader
         data_loader = _data_loader(loader)
+        # timm's ScheduledBatchSampler: its epoch sets the batch shapes (and its sampler's order)
+        self._epoch_batch_sampler = data_loader.batch_sampler if hasattr(data_loader.batch_sampler, 'set_epoch') \
+            else None
         self.batch_sampler: Optional[ResumableBatchSampler] = None
-        if not isinstance(data_loader.dataset, IterableDataset):
+        self.not_resumable = ''
+        if isinstance(data_loader, MultiEpochsDataLoader):
+            self.not_resumable = '--use-multi-epochs-loader runs one loader pass on across epochs, so an epoch ' \
+                                 'cannot resume mid-way'
+        elif isinstance(data_loader.dataset, IterableDataset):
+            self.not_resumable = 'a streaming dataset cannot resume mid-epoch'
+        else:
             sampler = ResumableBatchSampler(data_loader.batch_sampler, record=data_loader.num_workers == 0)
             if swap_batch_sampler(data_loader, sampler):
                 self.batch_sampler = sampler
+            else:
+                self.not_resumable = f'torch {torch.__version__} cannot resume mid-epoch'
         self.resumable = self.batch_sampler is not None
         self.consumed = 0
         self._start: Tuple[int, List[RngState]] = (0, [])
@@ -147,23 +161,26 @@ class ResumableLoader:
         return self.loader.sampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order: the replay loader's, or the DistributedSampler's."""
+        """Select the epoch's order: the replay loader's, timm's scheduled batch sampler's, or the
+        DistributedSampler's."""
         if hasattr(self.loader, 'set_epoch'):
             self.loader.set_epoch(epoch)
+        elif self._epoch_batch_sampler is not None:
+            self._epoch_batch_sampler.set_epoch(epoch)
         elif hasattr(self.loader.sampler, 'set_epoch'):
             self.loader.sampler.set_epoch(epoch)
 
     def state_dict(self) -> Dict[str, Any]:
         """Batches done this epoch, and the RNG states to replay from there (collect at the checkpoint)."""
         if not self.resumable:
-            raise RuntimeError('a streaming dataset cannot resume mid-epoch')
+            raise RuntimeError(self.not_resumable)
         in_flight = [state for number, state in self.batch_sampler.drawn if number >= self.consumed]
         return dict(step=self.consumed, rng=in_flight + [get_rng_state()])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Start the next epoch (the one the state was saved in) after its first `step` batches."""
         if state['step'] and not self.resumable:
-            raise ValueError('a streaming dataset cannot resume mid-epoch')
+            raise ValueError(self.not_resumable)
         self._start = (int(state['step']), list(state['rng']))
 
 
@@ -198,8 +215,8 @@ class RecoveryCheckpoints:
         if not stop and not (self.interval and num_updates % self.interval == 0):
             return
         if not self.loader.resumable:  # stop; the last epoch checkpoint is where to resume
-            raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; a streaming dataset cannot "
-                            "resume mid-epoch: --resume auto continues from the last epoch checkpoint")
+            raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; {self.loader.not_resumable}: "
+                            "--resume auto continues from the last epoch checkpoint")
         meter.check_finite(epoch)
         position = dict(epoch=epoch, step=self.loader.consumed, num_updates=num_updates)
         rank_state = dict(loader=self.loader.state_dict(), meter=meter.state_dict(),
