@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 from PIL import Image
+from torch.utils.data import IterableDataset
 from timm.data import resolve_data_config
 from timm.data.loader import MultiEpochsDataLoader
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -60,6 +61,19 @@ def test_epoch_repeats_and_batches_per_epoch_set_the_steps_per_epoch(feed, fresh
         assert drawn[VALIDATION:2 * VALIDATION - fresh] != drawn[:VALIDATION - fresh]  # each pass is shuffled anew
     _, loader = _loader(['-b', '32', '--train-steps-per-epoch', '5'], feed)
     assert len(loader) == len(list(loader)) == 5
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        return iter(DigitsDataset('validation'))
+
+
+@pytest.mark.parametrize('flag', [['--train-batches-per-epoch', '5'], ['--train-img-sizes', '16']])
+def test_fixed_or_scheduled_batches_need_an_indexable_dataset(flag):
+    args = _args(flag)
+    data_config = resolve_data_config(vars(args), model=timm.create_model('test_resnet', num_classes=10))
+    with pytest.raises(ValueError, match=f'{flag[0]} draws batches from an indexable dataset, but this one streams'):
+        create_train_loader(args, _Stream(), data_config, CPU, None)
 
 
 def test_epoch_repeats_and_batches_per_epoch_set_train_py_steps(tmp_path):
