@@ -25,19 +25,20 @@ from sdpgo_timm.data.factory import check_training_classes, create_split_dataset
 from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
+from sdpgo_timm.runner.batches import batch_loss_scale
 from sdpgo_timm.runner.builders import (
     check_aug_splits, create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
-from sdpgo_timm.runner.naflex import check_naflex_args, naflex_loss_scale
+from sdpgo_timm.runner.naflex import check_naflex_args
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
 from sdpgo_timm.runner.setup import (
     check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
-    gather_rank_states, init_device, resolve_lr, setup_script_logging)
+    gather_rank_states, init_device, resolve_lr, resolve_model_dtype, setup_script_logging)
 
 _logger = logging.getLogger('train')
 
@@ -70,11 +71,14 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         _logger.info(f"Model {safe_model_name(args.model)} created, param count:"
                      f"{sum(p.numel() for p in model.parameters())}")
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    model.to(device)
+    model_dtype = resolve_model_dtype(args)
+    model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.torchscript:
+        model = torch.jit.script(model)
 
     method = skd_method(args)
     feed = resolve_feed(args, dataset_train)
@@ -181,7 +185,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
             log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch),
-            synchronize_step=args.synchronize_step, batch_loss_scale=naflex_loss_scale(args))
+            synchronize_step=args.synchronize_step, input_dtype=model_dtype, batch_loss_scale=batch_loss_scale(args),
+            save_images_dir=output_dir if args.save_images else None)
         meter = None
         num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0
@@ -198,7 +203,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             continue
         evaluate = partial(validate, loader=loader_eval, device=device, amp_autocast=amp_autocast,
                            channels_last=args.channels_last, distributed=args.distributed,
-                           world_size=args.world_size, log_interval=args.log_interval if primary else 0)
+                           world_size=args.world_size, log_interval=args.log_interval if primary else 0,
+                           input_dtype=model_dtype, tta=args.tta)
         eval_metrics = evaluate(eval_model)
         if task.has_ema() and not args.model_ema_force_cpu:
             ema_model = task.get_trainable_module(ema=True)

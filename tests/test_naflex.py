@@ -11,7 +11,8 @@ from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import create_train_loader
 from sdpgo_timm.runner.engine import train_one_epoch
 from sdpgo_timm.runner.errors import ConfigError
-from sdpgo_timm.runner.naflex import NaFlexLossScale, check_naflex_args
+from sdpgo_timm.runner.batches import BatchLossScale
+from sdpgo_timm.runner.naflex import check_naflex_args
 from sdpgo_timm.runner.setup import create_eval_loader
 from conftest import FOLDER_CLASSES, FOLDER_IMAGES, run_train, summary
 
@@ -77,7 +78,7 @@ def test_naflex_loaders_yield_patch_dicts(image_folder):
 def test_loss_scale_modes(mode, scale):
     """A batch of 16 against --batch-size 4."""
     batch = dict(patches=torch.zeros(16, 4, 12))
-    assert NaFlexLossScale(mode, reference=4)(batch) == pytest.approx(scale)
+    assert BatchLossScale(mode, reference=4)(batch) == pytest.approx(scale)
 
 
 def test_loss_scale_under_ddp_weighs_each_rank_by_its_share_of_the_global_batch(monkeypatch):
@@ -87,7 +88,7 @@ def test_loss_scale_under_ddp_weighs_each_rank_by_its_share_of_the_global_batch(
         total += 8
 
     monkeypatch.setattr(dist, 'all_reduce', all_reduce)
-    scale = NaFlexLossScale('linear', reference=4, distributed=True, world_size=2)(dict(patches=torch.zeros(16, 4, 12)))
+    scale = BatchLossScale('linear', reference=4, rank_share=True, world_size=2)(dict(patches=torch.zeros(16, 4, 12)))
     assert float(scale) == pytest.approx(16 / 4 * 2 * 16 / 24)
 
 

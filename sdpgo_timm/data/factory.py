@@ -75,9 +75,11 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
         _check_folder_split(data_dir, split)
         check_folder_links(data_dir)
     num_samples = getattr(args, 'train_num_samples' if is_training else 'val_num_samples', None)
+    # timm repeats streaming datasets itself; the training loader repeats indexable ones (runner.batches)
+    repeats = getattr(args, 'epoch_repeats', 0) if is_training else 0
     dataset = create_dataset(
         args.dataset, root=data_dir, split=split, is_training=is_training, class_map=args.class_map,
-        download=args.dataset_download, batch_size=args.batch_size, seed=seed,
+        download=args.dataset_download, batch_size=args.batch_size, seed=seed, repeats=repeats,
         num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB', input_key=args.input_key,
         target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
     if hasattr(dataset, '__len__') and len(dataset) == 0:

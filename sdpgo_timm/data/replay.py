@@ -48,6 +48,8 @@ class ReplayBatchSampler(Sampler[List[int]]):
         shuffle: Permute the samples each epoch.
         seed: Base seed of the permutation, the same on every rank.
         drop_last: Truncate to whole chunks instead of padding with repeated samples.
+        num_batches: Steps per epoch instead of one pass (timm's --train-batches-per-epoch, --epoch-repeats);
+            the order runs on through further permutations, each drawn anew (as timm cycles a RandomSampler).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class ReplayBatchSampler(Sampler[List[int]]):
             shuffle: bool = True,
             seed: int = 0,
             drop_last: bool = True,
+            num_batches: Optional[int] = None,
     ):
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
@@ -76,8 +79,11 @@ class ReplayBatchSampler(Sampler[List[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.num_batches = num_batches
         samples_per_step = self.fresh_size * num_replicas
-        if drop_last:
+        if num_batches is not None:
+            self.num_steps = num_batches
+        elif drop_last:
             self.num_steps = num_samples // samples_per_step
         else:
             self.num_steps = math.ceil(num_samples / samples_per_step)
@@ -89,14 +95,17 @@ class ReplayBatchSampler(Sampler[List[int]]):
 
     def fresh_chunks(self, epoch: int) -> torch.Tensor:
         """This rank's fresh indices of `epoch`, shaped (steps per epoch, batch_size // 2)."""
+        total = self.num_steps * self.fresh_size * self.num_replicas
+        # a fixed step count past one pass draws each further pass anew; padding repeats the pass (as torch's
+        # DistributedSampler pads)
+        passes = math.ceil(total / self.num_samples) if self.num_batches is not None else 1
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
+            order = torch.cat([torch.randperm(self.num_samples, generator=generator) for _ in range(passes)])
         else:
-            order = torch.arange(self.num_samples)
-        total = self.num_steps * self.fresh_size * self.num_replicas
-        order = order.repeat(math.ceil(total / self.num_samples))[:total]
+            order = torch.arange(self.num_samples).repeat(passes)
+        order = order.repeat(math.ceil(total / len(order)))[:total]
         return order[self.rank::self.num_replicas].view(self.num_steps, self.fresh_size)
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -263,6 +272,7 @@ def create_replay_loader(
         drop_last: bool = True,
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
+        num_batches: Optional[int] = None,
 ) -> ReplayLoader:
     """Build the `views`-mode training loader: timm's create_loader with a ReplayBatchSampler.
 
@@ -273,7 +283,7 @@ def create_replay_loader(
         batch_size: Model batch n (replay + fresh) per step and rank; even.
         re_split: Random erasing spares the first half of each batch, its replay half (timm's --resplit).
         seed: Seed of the sample order, the same on every rank.
-        shuffle, drop_last, num_replicas, rank: See `ReplayBatchSampler`.
+        shuffle, drop_last, num_replicas, rank, num_batches: See `ReplayBatchSampler`.
     """
     dataset.transform = create_transform(
         input_size,
@@ -308,6 +318,7 @@ def create_replay_loader(
         shuffle=shuffle,
         seed=seed,
         drop_last=drop_last,
+        num_batches=num_batches,
     )
     loader = DataLoader(
         _IndexedDataset(dataset),

@@ -23,6 +23,10 @@ from ..skd import SKD_NAMES
 from ..task import ALPHA_MODES, REPLAY_MODES
 from .errors import ConfigError
 
+# timm.utils.set_jit_fuser's fusers ('': torch's default) and the dtypes timm's --model-dtype takes
+JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')
+MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
+
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -115,7 +119,6 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('--crop-mode', default=None, type=str, metavar='N',
                            help='evaluation crop: center, squash or border (default: the model\'s, else center)')
         group.add_argument('--crop-border-pixels', type=int, default=None, help='crop this many pixels off each border')
-        group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
         group.add_argument('--test-pool', action='store_true', default=False,
                            help="enable test time pool (timm's apply_test_time_pool: a model whose default config "
                                 "has a smaller input size than the evaluation's pools its features as at that size; "
@@ -123,8 +126,6 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('--reparam', default=False, action='store_true',
                            help="reparameterize the model for inference (timm's reparameterize_model: fuses "
                                 "RepVGG/MobileOne-style branches) after loading its weights")
-        group.add_argument('--model-dtype', default=None, type=str, choices=MODEL_DTYPES,
-                           help='model dtype override (non-AMP), the inputs cast to it (default: float32)')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
@@ -143,24 +144,28 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='enable compilation w/ specified backend (default: inductor).')
     group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
+    group.add_argument('--torchscript', action='store_true', default=False,
+                       help='torch.jit.script the full model (built scriptable); not with --torchcompile (train.py: nor '
+                            '--sync-bn; validate.py: nor --aot-autograd)')
+    group.add_argument('--fuser', default='', type=str, choices=JIT_FUSERS,
+                       help="select the jit fuser (timm's set_jit_fuser): one of ('', 'te', 'old', 'nvfuser'); it "
+                            "affects --torchscript models (torch >= 2.2 ignores nvfuser, with a warning)")
+    group.add_argument('--model-dtype', default=None, type=str, choices=MODEL_DTYPES,
+                       help='model and input dtype override (non-AMP; with --amp only float32) (default: float32)')
+    group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
     if not training:
-        group.add_argument('--torchscript', default=False, action='store_true',
-                           help='torch.jit.script the full model (built scriptable); excludes --torchcompile and '
-                                '--aot-autograd')
         group.add_argument('--aot-autograd', default=False, action='store_true',
                            help="enable AOT Autograd support (functorch's memory_efficient_fusion, traced once per "
                                 "input shape); excludes --torchscript and --torchcompile")
-        group.add_argument('--fuser', default='', type=str, choices=JIT_FUSERS,
-                           help="select jit fuser (timm's set_jit_fuser), one of ('', 'te', 'old', 'nvfuser'); "
-                                "it affects --torchscript models (torch >= 2.2 ignores nvfuser, with a warning)")
         return
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='number of steps to accumulate gradients')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
                        help='enable gradient checkpointing through model blocks/stages')
-    group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
     group.add_argument('--head-init-scale', default=None, type=float, help='head initialization scale')
     group.add_argument('--head-init-bias', default=None, type=float, help='head initialization bias value')
+    group.add_argument('--device-modules', default=None, type=str, nargs='+',
+                       help='Python modules to import before the device is set up (device backend modules)')
 
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +178,10 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
     group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: norm, value, agc')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0,
+                       help='layer-wise lr decay minimum scale clamp (default: 0)')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                       help='layer-wise lr decay scale below which parameters are not optimized (default: None)')
     group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra optimizer kwargs, key=value (saved as opt_kwargs, as timm does)')
 
@@ -198,6 +207,8 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate')
     group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train')
+    group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
+                       help='epoch repeat multiplier (number of times to repeat dataset epoch per train epoch)')
     group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
     group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
                        help='list of decay epoch indices for multistep lr')
@@ -262,6 +273,8 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    group.add_argument('--drop-connect', type=float, default=None, metavar='PCT',
+                       help='drop connect rate, DEPRECATED, use --drop-path (taken as the drop path rate)')
     group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
@@ -343,6 +356,14 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
                            help='ignored: torchrun sets LOCAL_RANK (accepted for torch.distributed.launch lines)')
         group.add_argument('--synchronize-step', action='store_true', default=False,
                            help='synchronize the device after each optimizer step (timing, debugging)')
+        group.add_argument('--save-images', action='store_true', default=False,
+                           help='save images of input batches every log interval for debugging')
+        group.add_argument('--tta', type=int, default=0, metavar='N',
+                           help='test/inference time augmentation (oversampling) factor: validation averages the '
+                                'outputs of each N consecutive images. 0=None (default: 0)')
+        group.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
+                           help='use the multi-epochs-loader to save time at the beginning of every epoch (workers '
+                                'and sample order carry over epochs: no mid-epoch resume)')
     else:
         group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
         group.add_argument('--log-freq', type=int, default=10, metavar='N', help='batches between status logs')
@@ -391,6 +412,28 @@ def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> No
                        help='push the best (EMA if tracked) checkpoint to this Hub repository when training ends')
 
 
+def _add_scheduled_loader_args(parser: argparse.ArgumentParser) -> None:
+    """timm's scheduled-resolution loader flags (its ScheduledBatchSampler, through create_loader)."""
+    group = parser.add_argument_group('Scheduled resolution loader parameters')
+    group.add_argument('--train-img-sizes', type=int, nargs='+', default=None,
+                       help='per-batch square image sizes for scheduled resolution training')
+    group.add_argument('--train-batch-sizes', type=int, nargs='+', default=None,
+                       help='batch size for each --train-img-sizes choice (default: --batch-size for every choice)')
+    group.add_argument('--train-size-probs', type=float, nargs='+', default=None,
+                       help='base sampling weights for --train-img-sizes (default: uniform)')
+    group.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'),
+                       help='resolution choice schedule; progressive moves from the first size to the last')
+    group.add_argument('--train-size-schedule-spread', type=float, default=0.65,
+                       help='progressive schedule spread in resolution-choice index units (default: 0.65)')
+    group.add_argument('--train-size-random-mix', type=float, default=0.1,
+                       help='fraction of uniform random active choices mixed into a progressive schedule '
+                            '(default: 0.1)')
+    group.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None,
+                       help='fixed loader batches (before gradient accumulation) per epoch; inferred if unspecified')
+    group.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
+                       help='scale gradients relative to the policy-average scheduled batch size')
+
+
 def create_parser() -> argparse.ArgumentParser:
     """train.py's parser."""
     parser = ArgumentParser(description='timm training with SDPGO self-distillation')
@@ -403,6 +446,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_naflex_args(parser)
     _add_sdpgo_args(parser)
     _add_misc_args(parser)
+    _add_scheduled_loader_args(parser)
     return parser
 
 
@@ -503,6 +547,35 @@ def _check_minima(args: argparse.Namespace, minima) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def _check_model_and_loader_flags(args: argparse.Namespace) -> None:
+    """ConfigErrors for combinations of timm's model and loader flags that timm's train.py asserts against (or
+    silently ignores), each naming the fix."""
+    if args.torchscript and args.torchcompile:
+        raise ConfigError("--torchscript and --torchcompile both given: the model is scripted or compiled, pick one")
+    if args.torchscript and args.sync_bn:
+        raise ConfigError("--torchscript does not combine with --sync-bn (a scripted model's BatchNorm layers cannot "
+                          "be converted to SyncBatchNorm); drop one")
+    if args.torchscript and (args.sdpgo or args.skd == 'sdpgo') and args.sdpgo_alpha_mode == 'pwa':
+        raise ConfigError("--torchscript does not combine with SDPGO's PWA alpha (it taps the model's layers with Python "
+                          "hooks, which a scripted model does not run): add --sdpgo-alpha-mode fixed or drop "
+                          "--torchscript")
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise ConfigError(f"--model-dtype {args.model_dtype} with --amp: AMP needs float32 weights; drop --amp or "
+                          "--model-dtype")
+    if args.train_img_sizes is None:
+        for name in ('train_batch_sizes', 'train_size_probs'):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} gives a value per --train-img-sizes choice: add "
+                                  "--train-img-sizes")
+    for name, minimum in (('train_batches_per_epoch', 1), ('epoch_repeats', 0), ('tta', 0)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if args.use_multi_epochs_loader and args.recovery_interval:
+        raise ConfigError("--use-multi-epochs-loader keeps one loader pass running across epochs, so an epoch cannot "
+                          "resume mid-way: drop --recovery-interval or --use-multi-epochs-loader")
+
+
 def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None
                ) -> Tuple[argparse.Namespace, str]:
     """Parse the command line with recipe and config defaults; return (args, args as YAML)."""
@@ -519,6 +592,7 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     args = parser.parse_args(argv)
     _check_finite(args, parser)
     _check_minima(args, _TRAIN_MINIMA)
+    _check_model_and_loader_flags(args)
     if first.img_size is not None and first.input_size is None and args.input_size is not None:
         # --img-size on the command line beats an input_size from the recipe or config file, keeping its channels
         args.input_size = [args.input_size[0], args.img_size, args.img_size]

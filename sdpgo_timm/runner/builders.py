@@ -20,6 +20,7 @@ from timm.task import ClassificationTask, TrainingTask
 from ..skd import create_skd_task
 from .errors import ConfigError
 from .naflex import create_naflex_train_loader, model_patch_size
+from .batches import epoch_batches, scheduled_loader_kwargs, seed_scheduled_order
 from .recovery import ResumableLoader
 from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from ..task import half_batch_size
@@ -203,16 +204,21 @@ def create_train_loader(
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.,
         gaussian_blur_prob=args.gaussian_blur_prob or 0., auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        # timm's: the data config's interpolation without augmentation or a training one
+        interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
+        else args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        worker_seeding=args.worker_seeding,
-        # fresh workers each epoch: their seeds then follow the per-epoch reseed, so a resume is exact
+        worker_seeding=args.worker_seeding, img_dtype=getattr(torch, args.model_dtype or 'float32'),
+        # fresh workers each epoch (timm keeps them): their seeds come from the RNG states the epoch begins with,
+        # which a resumed run restores, so a resume is exact
         persistent_workers=False)
     common['re_split'] = args.resplit
+    check_replay_batches(args, feed)
     if feed == 'views':
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
-            num_replicas=args.world_size, rank=args.rank, **common)
+            num_replicas=args.world_size, rank=args.rank,
+            num_batches=epoch_batches(args, dataset, half_batch_size(args.batch_size)), **common)
         return ResumableLoader(loader)
     batch_size = half_batch_size(args.batch_size) if feed == 'tensors' else args.batch_size
     if feed == 'tensors' and mixup_active(args) and batch_size % 2:
@@ -223,14 +229,14 @@ def create_train_loader(
         common['num_aug_splits'] = args.aug_splits
         if args.no_prefetcher:  # timm's default collate would give a list of split tensors
             common['collate_fn'] = _concat_splits
-    if feed == 'indexed':
-        loader = create_indexed_loader(
-            dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
-    else:
-        if collate_fn is not None:
-            common['collate_fn'] = collate_fn
-        loader = create_loader(
-            dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats, **common)
+    if collate_fn is not None and feed is None:
+        common['collate_fn'] = collate_fn
+    create = create_indexed_loader if feed == 'indexed' else create_loader
+    loader = create(
+        dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        **scheduled_loader_kwargs(args, dataset, data_config['input_size'], batch_size), **common)
+    seed_scheduled_order(loader, args.seed)
     return ResumableLoader(loader)
 
 
@@ -239,3 +245,23 @@ def _concat_splits(batch):
     one tensor, split-major, with the targets repeated N times."""
     splits, target = default_collate(batch)
     return torch.cat(splits), target.repeat(len(splits))
+
+
+def check_replay_batches(args: argparse.Namespace, feed: Optional[str]) -> None:
+    """ValueErrors for timm's loader flags that the replay data paths (SDPGO, DLB) cannot follow.
+
+    A replay half is the previous step's fresh half at its resolution and size, so batches of scheduled
+    resolutions or sizes cannot be replayed, and the replay sampler restarts each epoch (it replays the
+    previous epoch's last chunk), which timm's multi-epochs loader, running on across epochs, would not do.
+    """
+    if feed not in ('views', 'tensors'):
+        return
+    method = skd_method(args)
+    flag = '--sdpgo' if method == 'sdpgo' else f'--skd {method}'
+    if args.train_img_sizes is not None:
+        raise ValueError(f"--train-img-sizes does not combine with {flag}: "
+                         "the replay half repeats the previous batch, which a batch of another resolution or size "
+                         "cannot; drop --train-img-sizes (or the self-distillation)")
+    if feed == 'views' and args.use_multi_epochs_loader:
+        raise ValueError("--use-multi-epochs-loader does not combine with views replay (its sampler restarts each "
+                         "epoch to replay the last one's final chunk); drop it or use --sdpgo-replay tensors")

@@ -9,6 +9,7 @@ optimizer, and the epoch's metrics come back as a dict. Their running sums live 
 """
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -97,15 +98,19 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
         synchronize_step: bool = False,
+        input_dtype: Optional[torch.dtype] = None,
         batch_loss_scale: Optional[Callable[[Any], Any]] = None,
+        save_images_dir: Optional[str] = None,
 ) -> Dict[str, float]:
     """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
 
     A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
     them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
     loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step). `batch_loss_scale(input)` is a factor
-    for each batch's loss before backward (timm's NaFlex loss scale); the logged loss is the unscaled one.
+    is synchronized if `synchronize_step` (timm's --synchronize-step). timm's options: inputs are cast to
+    `input_dtype` (--model-dtype); `batch_loss_scale(input)` weighs each batch's loss before backward (timm's
+    --variable-batch-loss-scale, --naflex-loss-scale; the logged loss is the unweighted one); `save_images_dir`
+    receives the input batch of each logged update as train-batch-N.jpg (--save-images).
     Progress lines are timm's (`Train:`), every `log_interval` optimizer updates counted from 0 and at the last,
     with the task's loss parts after timm's fields; under DDP their losses are means over the processes (a
     collective on every rank).
@@ -124,7 +129,8 @@ def train_one_epoch(
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
         batch: Batch = as_batch(batch)
-        input, target, index, num_replay = input_to(batch.input, device), batch.target.to(device), batch.index, 0
+        input, target = input_to(batch.input, device, input_dtype), batch.target.to(device)
+        index, num_replay = batch.index, 0
         if batch.fresh_start:
             num_replay = task.replay_rows(batch.fresh_start)
             skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
@@ -137,13 +143,14 @@ def train_one_epoch(
         log.data_ready(batch_rows(input))
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
-        scale = amp_loss_scale(loss_scaler) / grad_accum_steps
+        weight = batch_loss_scale(input) if batch_loss_scale is not None else 1.
+        scale = amp_loss_scale(loss_scaler) * weight / grad_accum_steps
         sync = nullcontext() if update else task.no_sync()
         with sync:
             with amp_autocast():
                 out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
             loss = out['loss']
-            step_loss = loss if batch_loss_scale is None else loss * batch_loss_scale(input)
+            step_loss = loss if batch_loss_scale is None else loss * weight
             if loss_scaler is not None:
                 loss_scaler(step_loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                             parameters=parameters, create_graph=second_order, need_update=update)
@@ -163,7 +170,10 @@ def train_one_epoch(
         task.update_ema(step=num_updates)  # timm's count: the updates done, this one included
         if synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize(device)
-        log.update_done(batch_idx // grad_accum_steps, meter, optimizer)
+        update_idx = batch_idx // grad_accum_steps
+        log.update_done(update_idx, meter, optimizer)
+        if save_images_dir and log.due(update_idx):
+            _save_input_batch(input, save_images_dir, batch_idx)
         if on_step is not None:
             on_step(num_updates, meter)
         if lr_scheduler is not None:
@@ -213,12 +223,16 @@ class _TrainLog:
     def batch_done(self) -> None:
         self.data_start = time.time()
 
+    def due(self, update_idx: int) -> bool:
+        """Whether update `update_idx` gets a line: every `interval`-th from 0, and the epoch's last."""
+        return update_idx % self.interval == 0 or update_idx + 1 == self.updates
+
     def update_done(self, update_idx: int, meter: TrainMeter, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer update ended: time it, and write its line when due (the same updates on every rank)."""
         now = time.time()
         self.update_time.update(now - self.update_start)
         self.update_start = now
-        if update_idx % self.interval == 0 or update_idx + 1 == self.updates:
+        if self.due(update_idx):
             meter.check_finite(self.epoch)
             self._write(update_idx, meter, optimizer)
         self.samples = 0
@@ -240,6 +254,13 @@ class _TrainLog:
             f"LR: {lr:.3e}  Data: {d.val:.3f} ({d.avg:.3f}){parts}")
 
 
+def _save_input_batch(input: torch.Tensor, folder: str, batch_idx: int) -> None:
+    """timm's --save-images: the model's input batch as one normalized image grid, train-batch-<batch_idx>.jpg."""
+    from torchvision.utils import save_image  # torchvision comes with timm; imported only when asked for
+    save_image(input.detach().float(), os.path.join(folder, f'train-batch-{batch_idx}.jpg'), padding=0,
+               normalize=True)
+
+
 @torch.no_grad()
 def validate(
         model: nn.Module,
@@ -254,12 +275,16 @@ def validate(
         log_style: str = 'train',
         log_suffix: str = '',
         on_output: Optional[Callable[[torch.Tensor], None]] = None,
+        input_dtype: Optional[torch.dtype] = None,
+        tta: int = 0,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%), mean cross-entropy and throughput of a model on a loader.
 
     `log_interval` > 0 logs timm's `Test:` line every that many batches: as timm's train.py does (`log_style`
     'train': also the last batch; `log_suffix` e.g. ' (EMA)') or as timm's validate.py does ('validate', its
     --log-freq). `on_output(logits)` sees every batch's output in loader order (e.g. timm's RealLabelsImagenet).
+    Inputs are cast to `input_dtype`; `tta` > 1 (timm's --tta) averages the outputs of each `tta` consecutive
+    inputs, the augmented views of one image, which are scored as that image with its first view's target.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss()
@@ -270,13 +295,16 @@ def validate(
     seen = 0
     for batch_idx, batch in enumerate(loader):
         batch = as_batch(batch)
-        input, target = input_to(batch.input, device), batch.target.to(device)
+        input, target = input_to(batch.input, device, input_dtype), batch.target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(input)
         if isinstance(output, (tuple, list)):
             output = output[0]
+        if tta > 1:  # a last group short of `tta` views is dropped, as unfold does
+            output = output.unfold(0, tta, tta).mean(dim=2)
+            target = target[:len(output) * tta:tta]
         if on_output is not None:
             on_output(output)
         loss = criterion(output.float(), target)
@@ -285,7 +313,7 @@ def validate(
         if distributed:
             loss, top1, top5 = (reduce_tensor(t, world_size) for t in (loss, top1, top5))
         n = target.size(0)
-        seen += n
+        seen += batch_rows(input)
         meters['loss'].update(loss.item(), n)
         meters['top1'].update(top1.item(), n)
         meters['top5'].update(top5.item(), n)

@@ -1,17 +1,16 @@
-"""timm's NaFlex loader in train.py (--naflex-loader): its loaders, its batches, its per-batch loss scale.
+"""timm's NaFlex loader (--naflex-loader): its loaders (train.py's and validate.py's) and its batches.
 
 A NaFlex batch's input is a dict of patches (`patches`, `patch_coord`, `patch_valid`, `seq_len`)
 whose batch size varies from step to step: the loader draws a sequence length per batch
 (--naflex-train-seq-lens) and fits as many images as a fixed token budget allows. timm's
 train.py therefore scales each batch's loss by its size relative to --batch-size
-(--naflex-loss-scale) and, under DDP, by this rank's share of the global batch; `NaFlexLossScale`
+(--naflex-loss-scale) and, under DDP, by this rank's share of the global batch; `batches.BatchLossScale`
 does the same for our loop. Loaders and mixing are timm's (create_naflex_loader, NaFlexMixup).
 """
 import argparse
 from typing import Any, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Dataset, IterableDataset
 
@@ -23,12 +22,14 @@ from .errors import ConfigError
 PatchSize = Tuple[int, int]
 
 
-def input_to(input: Any, device: torch.device) -> Any:
-    """A batch input on `device`: an image tensor, or each tensor of a NaFlex dict (others, e.g. `seq_len`, as
-    they are)."""
+def input_to(input: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Any:
+    """A batch input on `device`, its floating-point tensors in `dtype` if given (--model-dtype): an image tensor,
+    or each tensor of a NaFlex dict (coordinates and masks keep theirs; others, e.g. `seq_len`, stay as they are)."""
+    def move(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
     if isinstance(input, dict):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
-    return input.to(device)
+        return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in input.items()}
+    return move(input)
 
 
 def batch_rows(input: Any) -> int:
@@ -140,39 +141,3 @@ def create_naflex_eval_loader(
         batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], num_workers=args.workers,
         **_common_kwargs(args, data_config, device), **kwargs)
-
-
-class NaFlexLossScale:
-    """The factor each NaFlex batch's loss is multiplied by before backward (timm's train.py does the same).
-
-    `mode` (--naflex-loss-scale): 'linear' scales by the batch's size over `reference` (--batch-size), 'sqrt' by
-    its square root, 'none' not at all, so that a batch of many short sequences weighs more than one of a few
-    long ones. Under DDP also by world size x this rank's batch / the global batch (ranks' batches differ, and
-    DDP averages their gradients with equal weights): a collective call, on every rank every step.
-    """
-
-    def __init__(self, mode: str, reference: float, distributed: bool = False, world_size: int = 1):
-        self.mode = mode
-        self.reference = float(reference)
-        self.distributed = distributed
-        self.world_size = world_size
-
-    def __call__(self, input: dict) -> Union[float, torch.Tensor]:
-        rows = batch_rows(input)
-        scale: Union[float, torch.Tensor] = 1.0
-        if self.mode != 'none':
-            scale = rows / self.reference
-            if self.mode == 'sqrt':
-                scale = scale ** 0.5
-        if self.distributed:
-            total = torch.tensor(float(rows), device=input['patches'].device)
-            dist.all_reduce(total)  # a tensor, not a number: no host sync
-            scale = scale * self.world_size * rows / total
-        return scale
-
-
-def naflex_loss_scale(args: argparse.Namespace) -> Optional[NaFlexLossScale]:
-    """The per-batch loss scale of a --naflex-loader run, else None."""
-    if not args.naflex_loader:
-        return None
-    return NaFlexLossScale(args.naflex_loss_scale, args.batch_size, args.distributed, args.world_size)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from timm.data.loader import MultiEpochsDataLoader
+
 from ..compat import swap_batch_sampler
 from .checkpoint import POSITION
 from .engine import TrainMeter
@@ -94,7 +96,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
             self.drawn.popleft()
 
 
-def _data_loader(loader) -> DataLoader:
+def inner_data_loader(loader) -> DataLoader:
     """The torch DataLoader inside timm's PrefetchLoader and the replay/indexed loaders (their `.loader`)."""
     while not isinstance(loader, DataLoader):
         loader = loader.loader
@@ -113,17 +115,29 @@ class ResumableLoader:
     would have had, augmentations included. With worker processes the sample order is, but
     augmentations happen in the workers, whose RNG states are not saved: only the state at the
     checkpoint is restored (and none is noted per batch, which costs ~0.1 ms). Streaming
-    (iterable) datasets cannot skip batches without reading them: `resumable` is False.
+    (iterable) datasets cannot skip batches without reading them, and timm's multi-epochs
+    loader runs one pass on across epochs: `resumable` is False, and `not_resumable` says why.
     """
 
     def __init__(self, loader):
         self.loader = loader
-        data_loader = _data_loader(loader)
+        data_loader = inner_data_loader(loader)
+        # timm's ScheduledBatchSampler: its epoch sets the batch shapes (and its sampler's order)
+        self._epoch_batch_sampler = data_loader.batch_sampler if hasattr(data_loader.batch_sampler, 'set_epoch') \
+            else None
         self.batch_sampler: Optional[ResumableBatchSampler] = None
-        if not isinstance(data_loader.dataset, IterableDataset):
+        self.not_resumable = ''
+        if isinstance(data_loader, MultiEpochsDataLoader):
+            self.not_resumable = '--use-multi-epochs-loader runs one loader pass on across epochs, so an epoch ' \
+                                 'cannot resume mid-way'
+        elif isinstance(data_loader.dataset, IterableDataset):
+            self.not_resumable = 'a streaming dataset cannot resume mid-epoch'
+        else:
             sampler = ResumableBatchSampler(data_loader.batch_sampler, record=data_loader.num_workers == 0)
             if swap_batch_sampler(data_loader, sampler):
                 self.batch_sampler = sampler
+            else:
+                self.not_resumable = f'torch {torch.__version__} cannot resume mid-epoch'
         self.resumable = self.batch_sampler is not None
         self.consumed = 0
         self.epoch_rng: Optional[RngState] = None  # the RNG states as this epoch began: its order was drawn from them
@@ -152,27 +166,30 @@ class ResumableLoader:
         return self.loader.sampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order: the replay loader's, or the DistributedSampler's; and a dataset's own that
-        orders itself by epoch (timm's NaFlex loader's, a streaming one's), as timm's train.py does."""
+        """Select the epoch's order: the replay loader's, timm's scheduled batch sampler's, or the
+        DistributedSampler's; and a dataset's own that orders itself by epoch (timm's NaFlex loader's, a streaming
+        one's), as timm's train.py does."""
         if hasattr(self.loader, 'set_epoch'):
             self.loader.set_epoch(epoch)
+        elif self._epoch_batch_sampler is not None:
+            self._epoch_batch_sampler.set_epoch(epoch)
         elif hasattr(self.loader.sampler, 'set_epoch'):
             self.loader.sampler.set_epoch(epoch)
-        dataset = _data_loader(self.loader).dataset
+        dataset = inner_data_loader(self.loader).dataset
         if hasattr(dataset, 'set_epoch'):
             dataset.set_epoch(epoch)
 
     def state_dict(self) -> Dict[str, Any]:
         """Batches done this epoch, and the RNG states to replay from there (collect at the checkpoint)."""
         if not self.resumable:
-            raise RuntimeError('a streaming dataset cannot resume mid-epoch')
+            raise RuntimeError(self.not_resumable)
         in_flight = [state for number, state in self.batch_sampler.drawn if number >= self.consumed]
         return dict(step=self.consumed, rng=in_flight + [get_rng_state()], epoch_rng=self.epoch_rng)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Start the next epoch (the one the state was saved in) after its first `step` batches."""
         if state['step'] and not self.resumable:
-            raise ValueError('a streaming dataset cannot resume mid-epoch')
+            raise ValueError(self.not_resumable)
         self._start = (int(state['step']), list(state['rng']), state.get('epoch_rng'))
 
 
@@ -207,8 +224,8 @@ class RecoveryCheckpoints:
         if not stop and not (self.interval and num_updates % self.interval == 0):
             return
         if not self.loader.resumable:  # stop; the last epoch checkpoint is where to resume
-            raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; a streaming dataset cannot "
-                            "resume mid-epoch: --resume auto continues from the last epoch checkpoint")
+            raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; {self.loader.not_resumable}: "
+                            "--resume auto continues from the last epoch checkpoint")
         meter.check_finite(epoch)
         position = dict(epoch=epoch, step=self.loader.consumed, num_updates=num_updates)
         rank_state = dict(loader=self.loader.state_dict(), meter=meter.state_dict(),

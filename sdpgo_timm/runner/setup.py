@@ -6,11 +6,12 @@ failures into one clear message. Resuming is `runner.resume`; validate.py's own 
 `runner.evaluation`.
 """
 import argparse
+import importlib
 import logging
 import os
 from contextlib import ExitStack, nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from timm.data import create_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
-from timm.utils import init_distributed_device
+from timm.utils import init_distributed_device, set_jit_fuser
 
 from ..data.factory import dataset_num_classes
 from ..hub.pretrained import ensure_cached
@@ -29,6 +30,7 @@ from ..protocol import SelfDistillationTask
 from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,
     load_weights_into)
+from .batches import policy_batch_size
 from .errors import CheckpointError, ConfigError
 from .naflex import create_naflex_eval_loader, model_patch_size
 from .recovery import get_rng_state
@@ -67,11 +69,43 @@ def default_device(device: Optional[str]) -> str:
 
 
 def init_device(args: argparse.Namespace) -> torch.device:
-    """timm's distributed/device init; the default device is CUDA when present, else the CPU."""
+    """timm's distributed/device init after importing --device-modules; the default device is CUDA when present,
+    else the CPU."""
+    import_device_modules(getattr(args, 'device_modules', None))
     args.device = default_device(args.device)
     if args.device == 'cpu' and args.dist_backend is None:
         args.dist_backend = 'gloo'
     return init_distributed_device(args)
+
+
+def import_device_modules(modules: Optional[List[str]]) -> None:
+    """Import timm's --device-modules (packages that register a device backend, e.g. torch_npu) before the device
+    is set up; one that does not import is a ConfigError."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"--device-modules {module}: cannot import it ({e}); install it or drop it") from None
+
+
+def resolve_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """timm's --model-dtype as a torch dtype (None: float32), warning for float16 as timm does."""
+    if not args.model_dtype:
+        return None
+    if args.model_dtype == 'float16':
+        _logger.warning('float16 is not recommended for training, for half precision bfloat16 is recommended.')
+    return getattr(torch, args.model_dtype)
+
+
+def _drop_path_rate(args: argparse.Namespace) -> Optional[float]:
+    """--drop-path, else timm's deprecated --drop-connect: timm's train.py still takes the flag but passes it on no
+    more; its create_model took it as the drop path rate, and so does this."""
+    drop_path, drop_connect = getattr(args, 'drop_path', None), getattr(args, 'drop_connect', None)
+    if drop_connect is not None:
+        use = (f"ignored: --drop-path {drop_path} given" if drop_path is not None
+               else f"taken as --drop-path {drop_connect}")
+        _logger.warning(f"--drop-connect is deprecated, use --drop-path; {use}")
+    return drop_path if drop_path is not None else drop_connect
 
 
 def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
@@ -95,7 +129,7 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
     # training-only options are absent from validate.py's args
     for key, value in (('num_classes', args.num_classes), ('global_pool', args.gp),
-                       ('drop_path_rate', getattr(args, 'drop_path', None)),
+                       ('drop_path_rate', _drop_path_rate(args)),
                        ('drop_block_rate', getattr(args, 'drop_block', None)),
                        ('bn_momentum', getattr(args, 'bn_momentum', None)), ('bn_eps', getattr(args, 'bn_eps', None))):
         if value is not None:
@@ -112,11 +146,13 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
             raise ValueError(str(e)) from None
     if getattr(args, 'fast_norm', False):
         set_fast_norm()
+    if getattr(args, 'fuser', ''):
+        set_jit_fuser(args.fuser)
     # timm's resolver turns --input-size/--img-size/--in-chans into model arguments only where the model takes
     # them (fixed-size models such as ViT get img_size; a ResNet does not)
     model = timm.create_model(
         **resolve_model_input_args(args.model, vars(args), **kwargs), pretrained=args.pretrained,
-        drop_rate=getattr(args, 'drop', 0.))
+        drop_rate=getattr(args, 'drop', 0.), scriptable=getattr(args, 'torchscript', False) or None)
     if getattr(args, 'head_init_scale', None) is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -134,10 +170,11 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
 
 
 def resolve_lr(args: argparse.Namespace, log: bool = False) -> None:
-    """--lr if given, else --lr-base scaled by the global batch as timm does (linear, sqrt for adaptive opts)."""
+    """--lr if given, else --lr-base scaled by the global batch as timm does (linear, sqrt for adaptive opts); with
+    scheduled batch sizes the batch is their policy average."""
     if args.lr:  # timm computes it for an unset or zero --lr
         return
-    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    global_batch = policy_batch_size(args) * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     if not args.lr_base_scale:
         args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
@@ -160,8 +197,8 @@ def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: 
         std=data_config['std'], num_workers=args.workers, distributed=getattr(args, 'distributed', False),
         crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         crop_border_pixels=getattr(args, 'crop_border_pixels', None), pin_memory=getattr(args, 'pin_mem', False),
-        device=device,
-        use_prefetcher=not getattr(args, 'no_prefetcher', False), **kwargs)
+        device=device, use_prefetcher=not getattr(args, 'no_prefetcher', False),
+        **{'img_dtype': getattr(torch, getattr(args, 'model_dtype', None) or 'float32'), **kwargs})
 
 
 def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
