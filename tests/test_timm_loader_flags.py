@@ -147,9 +147,9 @@ def test_variable_batch_loss_scale_weighs_each_batch_gradient():
     args = _args(['--train-img-sizes', '16', '24', '--train-batch-sizes', '8', '4'])
     assert batch_loss_scale(args) is None  # 'none'
     args.variable_batch_loss_scale = 'linear'
-    assert batch_loss_scale(args)(8) == pytest.approx(8 / 6)
+    assert batch_loss_scale(args)(torch.zeros(8, 3, 16, 16)) == pytest.approx(8 / 6)
     args.variable_batch_loss_scale = 'sqrt'
-    assert batch_loss_scale(args)(4) == pytest.approx(math.sqrt(4 / 6))
+    assert batch_loss_scale(args)(torch.zeros(4, 3, 24, 24)) == pytest.approx(math.sqrt(4 / 6))
 
     torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=4)
@@ -162,7 +162,7 @@ def test_variable_batch_loss_scale_weighs_each_batch_gradient():
                         device=CPU, batch_loss_scale=scale, log_enabled=False)
         return torch.cat([(a - b).flatten() for a, b in zip(trained.parameters(), model.parameters())])
 
-    torch.testing.assert_close(update(lambda batch_size: batch_size / 3), 2 * update(None))
+    torch.testing.assert_close(update(lambda input: len(input) / 3), 2 * update(None))
 
 
 def test_layer_decay_min_scale_and_no_opt_scale_reach_the_param_groups():
