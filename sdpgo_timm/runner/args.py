@@ -274,7 +274,7 @@ def _add_aug_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
     group.add_argument('--drop-connect', type=float, default=None, metavar='PCT',
-                       help='drop connect rate, DEPRECATED, use --drop-path (taken as the drop path rate)')
+                       help='drop connect rate, DEPRECATED and ignored (as in timm\'s train.py): use --drop-path')
     group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')

@@ -97,15 +97,12 @@ def resolve_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     return getattr(torch, args.model_dtype)
 
 
-def _drop_path_rate(args: argparse.Namespace) -> Optional[float]:
-    """--drop-path, else timm's deprecated --drop-connect: timm's train.py still takes the flag but passes it on no
-    more; its create_model took it as the drop path rate, and so does this."""
-    drop_path, drop_connect = getattr(args, 'drop_path', None), getattr(args, 'drop_connect', None)
-    if drop_connect is not None:
-        use = (f"ignored: --drop-path {drop_path} given" if drop_path is not None
-               else f"taken as --drop-path {drop_connect}")
-        _logger.warning(f"--drop-connect is deprecated, use --drop-path; {use}")
-    return drop_path if drop_path is not None else drop_connect
+def _warn_drop_connect(args: argparse.Namespace) -> None:
+    """timm's train.py still takes the deprecated --drop-connect but passes it on no more; so here, said aloud (the
+    same command line trains the same model as timm's)."""
+    if getattr(args, 'drop_connect', None) is not None:
+        _logger.warning(f"--drop-connect {args.drop_connect} is deprecated and ignored, as in timm's train.py: use "
+                        "--drop-path")
 
 
 def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
@@ -126,10 +123,11 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     name lists close matches."""
     if args.num_classes is None and dataset is not None:
         args.num_classes = dataset_num_classes(dataset)
+    _warn_drop_connect(args)
     kwargs: Dict[str, Any] = dict(args.model_kwargs or {})
     # training-only options are absent from validate.py's args
     for key, value in (('num_classes', args.num_classes), ('global_pool', args.gp),
-                       ('drop_path_rate', _drop_path_rate(args)),
+                       ('drop_path_rate', getattr(args, 'drop_path', None)),
                        ('drop_block_rate', getattr(args, 'drop_block', None)),
                        ('bn_momentum', getattr(args, 'bn_momentum', None)), ('bn_eps', getattr(args, 'bn_eps', None))):
         if value is not None:
