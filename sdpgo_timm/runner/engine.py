@@ -136,7 +136,7 @@ def train_one_epoch(
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
-    meter = meter if meter is not None else TrainMeter(device, task.loss_parts if skd else ())
+    meter = meter if meter is not None else TrainMeter(device, getattr(task, 'loss_parts', ()))
     num_batches = len(loader)
     progress = Progress(num_batches, log_interval, log_enabled)
     first_seen = meter.model_seen
