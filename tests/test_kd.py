@@ -114,24 +114,28 @@ def test_kd_checkpoint_holds_the_student_only_and_validate_scores_it(logit_run, 
 
 
 def test_feature_kd_resume_is_exact(teachers, tmp_path):
-    """A feature KD run resumed from its epoch-0 checkpoint ends as the straight run: student, projection
-    (task_state) and optimizer (which holds the projection) resume."""
+    """A feature KD run with EMA resumed from its epoch-0 checkpoint ends as the straight run: student, projection
+    (task_state), their EMAs and the optimizer (which holds the projection) resume."""
     kd = ['digits', '--kd-model-name', 'resnet10t', '--kd-checkpoint', str(teachers['resnet10t']), '--kd-distill-type',
-          'feature', '--epochs', '2', *FAST, '--output', str(tmp_path)]
+          'feature', '--model-ema', '--model-ema-decay', '0.9', '--epochs', '2', *FAST, '--output', str(tmp_path)]
     assert run_train([*kd, '--experiment', 'straight']) == 0
     straight = tmp_path / 'straight'
     first, last = (load_checkpoint_file(str(straight / f'checkpoint-{e}.pth.tar')) for e in (0, 1))
     student = len(list(timm.create_model('test_resnet', num_classes=10).parameters()))
     assert sum(len(g['params']) for g in first['optimizer']['param_groups']) == student + 2  # + projection
     assert not torch.equal(first['task_state']['projection']['weight'], last['task_state']['projection']['weight'])
-    assert first['state_dict'].keys() == timm.create_model('test_resnet', num_classes=10).state_dict().keys()
+    student_keys = timm.create_model('test_resnet', num_classes=10).state_dict().keys()
+    assert first['state_dict'].keys() == first['state_dict_ema'].keys() == student_keys
 
     assert run_train([*kd, '--experiment', 'resumed', '--resume', str(straight / 'checkpoint-0.pth.tar')]) == 0
     resumed = tmp_path / 'resumed'
     assert summary(resumed)[0]['train_loss'] == summary(straight)[1]['train_loss']
     assert_same_weights(straight / 'last.pth.tar', resumed / 'last.pth.tar')
-    resumed_projection = load_checkpoint_file(str(resumed / 'last.pth.tar'))['task_state']['projection']
-    assert all(torch.equal(v, last['task_state']['projection'][k]) for k, v in resumed_projection.items())
+    resumed_last = load_checkpoint_file(str(resumed / 'last.pth.tar'))
+    for key in ('state_dict_ema', 'task_state', 'task_state_ema'):
+        want = last[key] if key == 'state_dict_ema' else last[key]['projection']
+        got = resumed_last[key] if key == 'state_dict_ema' else resumed_last[key]['projection']
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), key
 
 
 def test_token_kd_trains_a_distilled_student(teachers, tmp_path):
