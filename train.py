@@ -110,7 +110,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     log_wandb = False
     if primary:
         exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or ('kd' if args.kd_model_name else 'ce')])
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
+            method or ('kd' if args.kd_model_name else 'ce')])
         output_dir = os.path.join(args.output or './output/train', exp_name)
         in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), output_dir)
