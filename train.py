@@ -25,7 +25,7 @@ from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import (
-    create_mixup, create_train_loader, create_train_task, optimizer_module, resolve_feed, skd_method, teacher_label)
+    create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
@@ -33,6 +33,7 @@ from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
+from sdpgo_timm.runner.teacher import optimizer_module
 from sdpgo_timm.runner.setup import (
     check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, setup_script_logging)
@@ -110,8 +111,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     log_wandb = False
     if primary:
         exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
-            method or ('kd' if args.kd_model_name else 'ce')])
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), method or 'ce'])
         output_dir = os.path.join(args.output or './output/train', exp_name)
         in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), output_dir)
@@ -123,8 +123,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             task=task, classes=dataset_classes(dataset_train))
         if in_place:
             resume_in_place(saver, resume_path, output_dir, point)
-        _logger.info(f"Training {args.model} ({method or teacher_label(args) or 'cross-entropy'}) for {num_epochs} "
-                     f"epochs, {len(loader_train)} steps per epoch, output {output_dir}")
+        _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
+                     f"{len(loader_train)} steps per epoch, output {output_dir}")
 
     if point.epoch >= num_epochs and primary:
         _logger.info(
