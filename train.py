@@ -36,6 +36,7 @@ from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
+from sdpgo_timm.runner.teacher import optimizer_module
 from sdpgo_timm.runner.setup import (
     check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, resolve_model_dtype, setup_script_logging)
@@ -90,7 +91,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         _logger.info('Using native Torch AMP. Training in mixed precision.' if amp_dtype else
                      'AMP not enabled. Training in torch.float32.')
     resolve_lr(args, log=primary)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_optimizer_v2(optimizer_module(task, model), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     if primary:
         defaults = {**optimizer.defaults, 'weight_decay': args.weight_decay}  # timm's line: wd is not in defaults
         _logger.info(f"Created {type(optimizer).__name__} ({args.opt}) optimizer: "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Accuracy under noisy labels and little data: CE, CE at equal compute, label smoothing, DLB, PS-KD, SDPGO.
+"""Accuracy under noisy labels and little data: CE, CE at equal compute, label smoothing, DLB, PS-KD, SDPGO, KD.
 
 Every run is a real `train.py <dataset> ...` run (in-process, through `train.main`), so the
 numbers come from the product. The datasets are the in-memory benchmarks `digits` (default)
@@ -14,6 +14,13 @@ steps over the same fresh samples per step. The replay methods (SDPGO, DLB) run 
 (B/2 replay + B/2 fresh); CE, label smoothing and PS-KD run `--batch-size B/2`, so each step of
 every method sees B/2 new samples. A replay step forwards B images, twice CE's, so the row
 `CE×2` (CE for twice the epochs) is CE at the replay methods' compute.
+
+`KD` (not run by default: `--methods ... KD`) is the teacher-distillation baseline: a CE teacher of the
+same model is trained first, on the same data, noisy labels, batch, epochs and seed (it is the CE run
+of that condition), then a student is distilled from its last-epoch weights with timm's logit KD
+(train.py --kd-model-name/--kd-checkpoint, timm's defaults: task and distillation weights 1, temperature
+4). Its `steps` are the student's; a KD result costs the teacher's run plus a student run with one more
+forward per step. `teacher_top1` in the CSV is the teacher's own last-epoch top-1.
 
     python benchmarks/label_noise.py                 # digits table (several minutes per seed)
     python benchmarks/label_noise.py --quick         # smoke run
@@ -46,10 +53,11 @@ METHODS: Dict[str, Dict] = {
     'DLB': dict(flags=['--smoothing', '0', '--skd', 'dlb'], replay=True, epochs=1),
     'PS-KD': dict(flags=['--smoothing', '0', '--skd', 'pskd'], replay=False, epochs=1),
     'SDPGO': dict(flags=['--smoothing', '0', '--sdpgo'], replay=True, epochs=1),
+    'KD': dict(flags=['--smoothing', '0'], replay=False, epochs=1, teacher='CE'),
 }
 DEFAULT_METHODS = ['CE', 'CE+LS', 'DLB', 'PS-KD', 'SDPGO']
 COLORS = {'CE': '#505050', 'CE×2': '#000000', 'CE+LS': '#969696', 'DLB': '#1f77b4', 'PS-KD': '#2ca02c',
-          'SDPGO': '#d62728'}
+          'SDPGO': '#d62728', 'KD': '#9467bd'}
 # per dataset: defaults of --model, --img-size (None: the recipe's) and --epochs, and the output file stem
 DATASETS = {
     'digits': dict(model='resnet10t', img_size=16, epochs=10, stem='label_noise'),
@@ -59,18 +67,35 @@ Condition = Tuple[float, float]  # (eta, fraction)
 
 
 def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str) -> Dict[str, float]:
-    """Train once; return the last epoch's clean top-1 on --eval-split and the run's step count."""
+    """Train once; return the last epoch's clean top-1 on --eval-split and the run's step count.
+
+    A method with a `teacher` (KD) first trains the teacher's method on the same condition and seed, then
+    distils from that run's last-epoch checkpoint, and also returns the teacher's own top-1 (`teacher_top1`).
+    """
     spec = METHODS[method]
+    eta, fraction = condition
+    experiment = f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+    if not spec.get('teacher'):
+        return _train(spec, condition, seed, args, out_dir, experiment, spec['flags'])
+    teacher = _train(METHODS[spec['teacher']], condition, seed, args, out_dir, f"{experiment}-teacher",
+                     METHODS[spec['teacher']]['flags'])
+    weights = os.path.join(out_dir, f"{experiment}-teacher", 'last.pth.tar')
+    flags = [*spec['flags'], '--kd-model-name', args.model, '--kd-checkpoint', weights]
+    return dict(**_train(spec, condition, seed, args, out_dir, experiment, flags), teacher_top1=teacher['top1'])
+
+
+def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str, experiment: str,
+           flags: List[str]) -> Dict[str, float]:
+    """One train.py run of a method `spec` with its `flags` into `out_dir/experiment`: last top-1, steps."""
     eta, fraction = condition
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
     extra = shlex.split(args.extra)
     size = ['--input-size', '3', str(args.img_size), str(args.img_size)] if args.img_size else []
-    experiment = f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
     argv = [args.dataset, '--model', args.model, '--epochs', str(args.epochs * spec['epochs']),
             '--batch-size', str(batch), '--seed', str(seed), '--label-noise', str(eta),
             '--label-noise-mode', args.noise, '--train-fraction', str(fraction), '--val-split', args.eval_split,
             *size, '--workers', '0', '--log-interval', '100000', '--output', out_dir, '--experiment', experiment,
-            '--checkpoint-hist', '1', *spec['flags'], *extra]
+            '--checkpoint-hist', '1', *flags, *extra]
     status = train.main(argv)
     if status != 0:
         raise RuntimeError(f"train.py {' '.join(argv)} exited with {status}")
@@ -162,6 +187,18 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
         + ', '.join(f"{m} {s}" for m, s in steps.items()) + '. '
         f"{args.jobs} run(s) at a time, {args.threads or 'default'} torch thread(s) each; wall time {wall:.0f} s.",
         '',
+    ]
+    if 'KD' in args.methods:
+        kd_rows = [r for r in rows if r['method'] == 'KD']
+        teachers = [mean_std([r['teacher_top1'] for r in kd_rows if (r['eta'], r['fraction']) == c])
+                    for c in conditions]
+        lines += [
+            "KD: timm's logit distillation (train.py --kd-model-name/--kd-checkpoint; task and distillation weights "
+            "1, temperature 4) from a CE teacher of the same model, trained first on the same data, labels, batch, "
+            "epochs and seed; its steps are the student's, its cost a CE run plus a student run with a teacher "
+            "forward per step. The teachers' own top-1: " + ', '.join(f"{t} ({label})" for t, label in
+                                                                       zip(teachers, labels)) + '.', '']
+    lines += [
         '| method | ' + ' | '.join(labels) + ' |',
         '|---|' + '---:|' * len(conditions),
     ]
@@ -234,7 +271,8 @@ def main(argv=None) -> int:
     for path in (args.out_md, args.out_csv, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out_csv, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # KD rows add teacher_top1, left empty in the others
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval='')
         writer.writeheader()
         writer.writerows(rows)
     table = write_tables(args, argv, conditions, results, rows, time.time() - start)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Step cost of SDPGO against CE and its relatives: time per optimizer step and peak memory.
+"""Step cost of SDPGO against CE and its relatives (and teacher KD): time per optimizer step and peak memory.
 
 For every model, each method trains the same timm model on the same synthetic batch of n
 images (`--batch-size`), fed in the order its loader would give (views-mode replay batches
@@ -18,6 +18,10 @@ and activations, nothing subtracted; ru_maxrss would inherit the parent's peak),
 
 Transformers fix their token grid at creation, so ViT/DeiT get `img_size=` and Swin also a
 `window_size` that tiles its stages (see `model_kwargs`).
+
+KD is timm's logit distillation (timm.task.LogitDistillationTask, train.py's --kd-model-name) from a
+teacher of `--kd-teacher` (default: the student's architecture) in random initialisation: its weights
+do not change the cost of its forward, so none need be trained or downloaded.
 """
 import argparse
 import csv
@@ -35,7 +39,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import is_model_in_modules
-from timm.task import ClassificationTask, TrainingTask
+from timm.task import ClassificationTask, LogitDistillationTask, TrainingTask
 from torch.utils.data import BatchSampler, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
@@ -49,6 +53,7 @@ METHODS = {
     'dlb2': 'DLB, two forwards (authors)',
     'pskd': 'PS-KD',
     'sdpgo': 'SDPGO',
+    'kd': 'KD (timm logit, frozen teacher)',
 }
 REPLAY_METHODS = ('dlb', 'dlb2', 'sdpgo')  # n/2 fresh samples per step, views mode
 PSKD_EPOCHS = 2  # PS-KD runs at epoch 1 of 2: its soft targets are mixed (the cost is the same at any epoch)
@@ -71,6 +76,8 @@ parser.add_argument('--batch-size', type=int, help='model batch n per step (defa
 parser.add_argument('--warmup', type=int, help='untimed steps per method first (default: 3)')
 parser.add_argument('--repeats', type=int, help='timed steps per method, interleaved (default: 10)')
 parser.add_argument('--num-classes', type=int, default=100, help='classifier size (default: 100)')
+parser.add_argument('--kd-teacher', default=None, metavar='MODEL',
+                    help="KD's teacher architecture, random-init (default: each student's own)")
 parser.add_argument('--num-samples', type=int,
                     help='dataset length: PS-KD table rows and sampler range (default: 50000)')
 parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:i]' (default: cpu)")
@@ -125,8 +132,12 @@ def model_kwargs(model_name: str, img_size: int, num_classes: int) -> dict:
     return kwargs
 
 
-def create_task(method: str, model: nn.Module, num_samples: int, device: torch.device) -> TrainingTask:
-    """The library's task for `method`, with its default options (views-mode replay for SIL)."""
+def create_task(method: str, model: nn.Module, num_samples: int, device: torch.device,
+                teacher: Optional[nn.Module] = None) -> TrainingTask:
+    """The library's task for `method`, with its default options (views-mode replay for SIL); KD takes `teacher`."""
+    if method == 'kd':  # timm's defaults: task and distillation weights 1, temperature 4 (train.py's --kd-*)
+        return LogitDistillationTask(model, teacher, nn.CrossEntropyLoss(), temperature=4.0, device=device,
+                                     verbose=False)
     if method == 'ce':
         return ClassificationTask(model, device=device, verbose=False)
     if method == 'ce_ls':
@@ -171,7 +182,13 @@ class StepRunner:
             model.to(memory_format=torch.channels_last)
         self.method = method
         self.device = device
-        self.task = create_task(method, model, args.num_samples, device)
+        teacher = None
+        if method == 'kd':
+            name = args.kd_teacher or model_name
+            teacher = timm.create_model(name, **model_kwargs(name, args.img_size, args.num_classes)).to(device).eval()
+            if args.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        self.task = create_task(method, model, args.num_samples, device, teacher)
         if args.compile:  # the SKD tasks compile around their taps; timm's tasks compile the model
             self.task.compile(backend=args.compile)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -190,7 +207,7 @@ class StepRunner:
         """
         index = next(self.indices).to(self.device)
         input, target = self.input[:len(index)], self.labels[index]
-        indexed = self.method not in ('ce', 'ce_ls')
+        indexed = self.method not in ('ce', 'ce_ls', 'kd')
         cuda = self.device.type == 'cuda'
         synchronize(self.device)
         if cuda:
@@ -252,6 +269,7 @@ def measure_memory(model_name: str, method: str, args: argparse.Namespace) -> Di
     command += ['--amp'] if args.amp else []
     command += ['--channels-last'] if args.channels_last else []
     command += ['--compile', args.compile] if args.compile else []
+    command += ['--kd-teacher', args.kd_teacher] if args.kd_teacher else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"memory run {' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -310,6 +328,10 @@ def markdown(rows: List[dict], args: argparse.Namespace) -> str:
         '(on CPU: Python, torch and timm).',
         f'- SDPGO/DLB in views mode; PS-KD with its N x C table on the CPU (N = {args.num_samples}).',
     ]
+    if 'kd' in args.methods:
+        lines.append(f"- KD: timm's LogitDistillationTask (task + KL at temperature 4), the teacher "
+                     f"{args.kd_teacher or 'of the same architecture as each student'} in random initialisation (the "
+                     "cost of its forward does not depend on its weights); its memory includes the teacher.")
     return '\n'.join(lines) + '\n'
 
 

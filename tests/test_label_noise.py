@@ -68,3 +68,22 @@ def test_fashion_mnist_fractions_and_equal_compute_row(tmp_path, monkeypatch):
     table = Path(out['md']).read_text()
     assert '1% data, clean' in table and 'Per seed' in table and 'CE×2: 2' in table
     assert Image.open(out['png']).size == (800, 480)
+
+
+def test_kd_row_distils_from_the_ce_run_of_its_condition(tmp_path, monkeypatch):
+    """--methods CE KD: KD's teacher is the CE run of the same condition and seed (the same top-1), its student
+    trains CE's steps, and the table says what the row is."""
+    monkeypatch.chdir(tmp_path)
+    bench = _load_benchmark()
+    out = {k: str(tmp_path / f'kd.{k}') for k in ('md', 'csv', 'png')}
+    assert bench.main(['--quick', '--methods', 'CE', 'KD', '--threads', '1',
+                       '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]) == 0
+    rows = {(r['method'], float(r['eta'])): r for r in csv.DictReader(open(out['csv']))}
+    assert len(rows) == 4  # --quick: eta 0 and 0.4
+    for eta in (0.0, 0.4):
+        ce, kd = rows['CE', eta], rows['KD', eta]
+        assert kd['teacher_top1'] == ce['top1'] and ce['teacher_top1'] == ''
+        assert kd['steps'] == ce['steps'] and 0.0 <= float(kd['top1']) <= 100.0
+    table = Path(out['md']).read_text()
+    assert '| KD |' in table and "KD: timm's logit distillation" in table
+    assert f"The teachers' own top-1: {float(rows['CE', 0.0]['top1']):.2f} (clean)" in table

@@ -139,14 +139,20 @@ def read_manifest(path: Path) -> List[Dict[str, Any]]:
     return data['models']
 
 
-def ensure_cached(model_name: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+def ensure_cached(
+        model_name: str,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        offline: Optional[bool] = None,
+) -> None:
     """When the Hub is offline (HF_HUB_OFFLINE=1), raise a clear error unless `model_name`'s weights are cached.
 
     `model_name` is what `timm.create_model` takes ('hf-hub:ns/name[@rev]' or a registered 'arch.tag').
     Does nothing online or for weights that do not come from the Hub. timm's own offline error names
     neither the repository nor the cache; call this before `timm.create_model(..., pretrained=True)`.
+    `offline=True` checks whatever HF_HUB_OFFLINE says, for weights that must never be downloaded (a
+    distillation teacher's); the caller's message then says what to do.
     """
-    if not hf_constants.HF_HUB_OFFLINE:
+    if not (hf_constants.HF_HUB_OFFLINE if offline is None else offline):
         return
     source, model_id = parse_model_name(model_name)
     if source == 'hf-hub':
@@ -164,9 +170,10 @@ def ensure_cached(model_name: str, cache_dir: Optional[Union[str, os.PathLike]] 
         if not any(_is_cached(repo_id, name, revision or None, cache_dir) for name in names)
     ]
     if missing:
+        advice = " and HF_HUB_OFFLINE is set. Load it once online, or unset HF_HUB_OFFLINE." if offline is None else '.'
         raise LocalEntryNotFoundError(
             f"Hugging Face Hub repository '{hf_hub_id}' (for {model_name!r}) is not in the local cache "
-            f"({', '.join(missing)} missing) and HF_HUB_OFFLINE is set. Load it once online, or unset HF_HUB_OFFLINE.")
+            f"({', '.join(missing)} missing){advice}")
 
 
 def _is_cached(repo_id: str, filename: str, revision: Optional[str], cache_dir) -> bool:

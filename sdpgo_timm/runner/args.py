@@ -340,6 +340,40 @@ def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--pskd-alpha-t', type=float, default=0.8, help='PS-KD final alpha_T (default: 0.8)')
 
 
+def _add_kd_args(parser: argparse.ArgumentParser) -> None:
+    """timm's teacher knowledge distillation flags (timm.task's distillation tasks), plus our --kd-checkpoint."""
+    group = parser.add_argument_group('Knowledge distillation (teacher) parameters')
+    group.add_argument('--kd-model-name', default=None, type=str, metavar='MODEL',
+                       help='name of teacher model for knowledge distillation (its weights: --kd-checkpoint, else '
+                            "timm's pretrained ones, which must already be in the local cache: never downloaded)")
+    group.add_argument('--kd-checkpoint', default=None, type=str, metavar='PATH',
+                       help="(ours, not timm's) the teacher's weights: a training checkpoint, a saved state dict or "
+                            '.safetensors of --kd-model-name with the training data\'s classes')
+    group.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
+                       help='type of distillation: "logit" for output distillation, "feature" for intermediate '
+                            'features, "token" for models with distillation heads (default: logit)')
+    group.add_argument('--kd-loss-type', default='kl', type=str,
+                       help='loss function for logit distillation (default: kl; only "kl" is supported)')
+    group.add_argument('--distill-loss-weight', default=None, type=float,
+                       help='weight for distillation loss. If both weights specified: loss = task_weight * task + '
+                            'distill_weight * distill. If only task_weight: loss = task_weight * task + '
+                            '(1-task_weight) * distill. Default: 1.0 if only this specified.')
+    group.add_argument('--task-loss-weight', default=None, type=float,
+                       help='weight for task (classification) loss. See --distill-loss-weight for weighting modes. '
+                            'Default: 1.0 if unspecified.')
+    group.add_argument('--kd-temperature', default=4.0, type=float,
+                       help='temperature for softmax in distillation (default: 4.0, typical range: 1-4)')
+    group.add_argument('--kd-student-feature-dim', default=None, type=int,
+                       help='student model feature dimension (auto-detected from model.head_hidden_size or '
+                            'model.num_features if not specified)')
+    group.add_argument('--kd-teacher-feature-dim', default=None, type=int,
+                       help='teacher model feature dimension (auto-detected from model.head_hidden_size or '
+                            'model.num_features if not specified)')
+    group.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
+                       help='token distillation type: "soft" for KL-div with temperature, "hard" for CE with teacher '
+                            'argmax (default: soft)')
+
+
 def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     group = parser.add_argument_group('Miscellaneous parameters')
     if training:
@@ -445,6 +479,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_aug_args(parser)
     _add_naflex_args(parser)
     _add_sdpgo_args(parser)
+    _add_kd_args(parser)
     _add_misc_args(parser)
     _add_scheduled_loader_args(parser)
     return parser

@@ -24,6 +24,7 @@ from .batches import epoch_batches, scheduled_loader_kwargs, seed_scheduled_orde
 from .recovery import ResumableLoader
 from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from ..task import half_batch_size
+from .teacher import check_teacher_args, create_teacher_task
 
 
 def skd_method(args: argparse.Namespace) -> Optional[str]:
@@ -101,11 +102,13 @@ def create_train_task(
         device: torch.device,
         num_samples: int = 0,
 ) -> TrainingTask:
-    """ClassificationTask with timm's loss choice, or the self-distillation task of --sdpgo/--skd.
+    """ClassificationTask with timm's loss choice (or timm's distillation task from a teacher, --kd-model-name),
+    or the self-distillation task of --sdpgo/--skd.
 
     `feed` comes from resolve_feed; `num_samples` (the training set size) sizes PS-KD's table.
     """
     method = skd_method(args)
+    check_teacher_args(args, method)
     mixup = mixup_active(args)
     # timm's train.py uses BCE only where targets are soft (Mixup/CutMix) or smoothed
     bce = args.bce_loss and (mixup or args.smoothing)
@@ -122,6 +125,8 @@ def create_train_task(
             criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
         else:
             criterion = nn.CrossEntropyLoss()
+        if args.kd_model_name:  # timm's teacher distillation, with the criterion of a plain run
+            return create_teacher_task(args, model, criterion, device)
         return ClassificationTask(model, criterion=criterion, device=device)
     smoothing = 0.0 if mixup else args.smoothing
     if method == 'pskd' and bce:

@@ -117,7 +117,7 @@ def train_one_epoch(
     """
     skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
     task.train()
-    meter = meter if meter is not None else TrainMeter(device, task.loss_parts if skd else ())
+    meter = meter if meter is not None else TrainMeter(device, getattr(task, 'loss_parts', ()))
     num_batches = len(loader)
     updates_per_epoch = (num_batches + grad_accum_steps - 1) // grad_accum_steps
     log = _TrainLog(epoch, updates_per_epoch, log_interval, world_size, grad_accum_steps, log_enabled)

@@ -109,7 +109,8 @@ def resume_training(
         if ema is None:  # timm builds its EMA after the resume; this one exists already and must not stay random
             _logger.warning(f"{path!r} has no EMA weights: --model-ema starts from the resumed model's weights")
             ema = checkpoint['state_dict']
-        task.load_checkpoint_state(clean_state_dict(ema), None, ema=True)
+        # the EMA of task-owned modules too (feature distillation's projection); self-distillation tasks keep none
+        task.load_checkpoint_state(clean_state_dict(ema), checkpoint.get('task_state_ema'), ema=True)
     if optimizer is not None and 'optimizer' in checkpoint and not args.no_resume_opt:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:

@@ -1,0 +1,139 @@
+"""Teacher knowledge distillation for train.py: timm's --kd-* flags built into timm's own tasks.
+
+timm.task's LogitDistillationTask, FeatureDistillationTask and TokenDistillationTask, created as timm's
+train.py creates them, with two differences: the teacher's weights are local (our --kd-checkpoint, timm's
+`teacher_pretrained_path`, or timm's pretrained weights already in the cache: a run never downloads its
+teacher), and input a task cannot use is one ValueError line before training. Teacher distillation and
+self-distillation (--sdpgo/--skd) are alternatives. `optimizer_module` is what the optimizer updates.
+"""
+import argparse
+import os
+import pickle
+from typing import Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.models import get_pretrained_cfg, parse_model_name
+from timm.task import TrainingTask
+
+from ..hub.pretrained import ensure_cached
+from ..protocol import SelfDistillationTask
+from .errors import one_line
+
+
+def check_teacher_args(args: argparse.Namespace, method: Optional[str]) -> None:
+    """A ValueError for teacher distillation flags that cannot train: with self-distillation `method`, or
+    --kd-checkpoint without a teacher."""
+    teacher = getattr(args, 'kd_model_name', None)
+    if teacher and method:
+        given = '--sdpgo' if args.sdpgo else f"--skd {args.skd}"
+        raise ValueError(f"--kd-model-name {teacher} and {given}: teacher distillation and self-distillation are "
+                         "alternatives; drop one")
+    if getattr(args, 'kd_checkpoint', None) and not teacher:
+        raise ValueError(f"--kd-checkpoint {args.kd_checkpoint} needs --kd-model-name, the teacher's architecture")
+
+
+def check_teacher_weights(name: str, checkpoint: Optional[str]) -> None:
+    """A ValueError unless the teacher's weights are on this machine: the --kd-checkpoint file, else timm's
+    pretrained weights of `name` in the Hugging Face (or torch hub) cache."""
+    source, _ = parse_model_name(name)
+    if source != 'hf-hub' and not timm.is_model(name.split('.')[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"unknown teacher --kd-model-name {name!r}; similar timm models: {close}")
+    if checkpoint:
+        if source == 'hf-hub':  # timm loads a Hub model's own weights before any file
+            raise ValueError(f"--kd-checkpoint needs the teacher's timm architecture in --kd-model-name, not the Hub "
+                             f"model {name!r}")
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"--kd-checkpoint {checkpoint!r} is not a file; pass the teacher's weights file")
+        return
+    fix = f"pass --kd-checkpoint PATH, or load the weights once (timm.create_model({name!r}, pretrained=True))"
+    cfg = get_pretrained_cfg(name) if source != 'hf-hub' else None
+    if source != 'hf-hub' and (cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file)):
+        raise ValueError(f"timm has no pretrained weights for teacher --kd-model-name {name!r}: pass --kd-checkpoint "
+                         "PATH with the teacher's weights")
+    try:
+        ensure_cached(name, offline=True)
+    except FileNotFoundError as e:
+        raise ValueError(f"teacher weights not found: {e} A run never downloads its teacher: {fix}") from None
+    if cfg is not None and not cfg.hf_hub_id and cfg.url and not cfg.file:  # timm fetches these through torch.hub
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urlparse(cfg.url).path))
+        if not os.path.isfile(cached):
+            raise ValueError(f"teacher weights not found: {cfg.url} is not in the torch hub cache ({cached!r}). A "
+                             f"run never downloads its teacher: {fix}")
+
+
+def create_teacher_task(
+        args: argparse.Namespace,
+        model: nn.Module,
+        criterion: nn.Module,
+        device: torch.device,
+) -> TrainingTask:
+    """timm's teacher distillation task of --kd-distill-type (logit, feature or token), as timm's train.py builds it
+    from the --kd-* flags, training `model` with the plain run's `criterion` plus the distillation term.
+
+    The teacher is --kd-model-name with the weights of --kd-checkpoint or timm's pretrained ones, which must be
+    local (`check_teacher_weights`). The task's `loss_parts` name the two terms of its output for the training
+    log and summary.csv.
+    """
+    # imported here: timm's teacher tasks take a teacher by name and `teacher_pretrained_path` only in recent timm
+    # releases (1.0.31 checked), which a run without a teacher does not need
+    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+    name, checkpoint = args.kd_model_name, args.kd_checkpoint
+    check_teacher_weights(name, checkpoint)
+    common = dict(
+        student_model=model, teacher_model=name, criterion=criterion, teacher_pretrained_path=checkpoint or None,
+        distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight, device=device,
+        verbose=getattr(args, 'rank', 0) == 0)
+    if args.kd_distill_type == 'logit':
+        cls, kd_part = LogitDistillationTask, 'kd_loss'
+        options = dict(loss_type=args.kd_loss_type, temperature=args.kd_temperature)
+    elif args.kd_distill_type == 'feature':
+        cls, kd_part = FeatureDistillationTask, 'kd_loss'
+        options = dict(student_feature_dim=args.kd_student_feature_dim,
+                       teacher_feature_dim=args.kd_teacher_feature_dim)
+    else:
+        cls, kd_part = TokenDistillationTask, 'distill_loss'
+        options = dict(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature)
+    num_classes = model.num_classes
+    try:
+        # a train.py checkpoint keeps its args as a Namespace, which timm's data-only load must be allowed to read
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            task = cls(**common, **options)
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        if not checkpoint:
+            raise
+        raise ValueError(f"--kd-checkpoint {checkpoint!r} does not load as teacher --kd-model-name {name!r} with "
+                         f"{num_classes} classes: {one_line(e)}") from None
+    teacher_classes = task.teacher.model.pretrained_cfg.get('num_classes')
+    if teacher_classes is not None and teacher_classes != num_classes:  # timm would have re-initialised its head
+        raise ValueError(f"teacher --kd-model-name {name!r} was pretrained on {teacher_classes} classes, the student "
+                         f"has {num_classes}: its head would be random. Pass --kd-checkpoint with a teacher trained "
+                         "on these classes")
+    if args.kd_distill_type == 'feature':
+        check_feature_dims(args, model, task.teacher.model)
+    task.loss_parts = ('task_loss', kd_part)
+    return task
+
+
+def check_feature_dims(args: argparse.Namespace, student: nn.Module, teacher: nn.Module) -> None:
+    """A ValueError for a --kd-*-feature-dim that differs from the model's pooled feature width timm reports: the
+    projection would not fit, and timm's task would fail only at the first step."""
+    for flag, value, model, who in (
+            ('--kd-student-feature-dim', args.kd_student_feature_dim, student, f'student {args.model!r}'),
+            ('--kd-teacher-feature-dim', args.kd_teacher_feature_dim, teacher, f'teacher {args.kd_model_name!r}')):
+        found = getattr(model, 'head_hidden_size', None) or getattr(model, 'num_features', None)
+        if value is not None and found is not None and value != found:
+            raise ValueError(f"{flag} {value}, but the {who} has {found} pooled features; leave it out (found "
+                             "from the model)")
+
+
+def optimizer_module(task: TrainingTask, model: nn.Module) -> nn.Module:
+    """The module whose parameters the optimizer updates: the task's trainable module, as in timm's train.py (for
+    feature distillation the student and its projection), but the model itself for a self-distillation task: its
+    tapping wrapper adds no parameter, and timm's weight-decay exclusions and layer-decay groups would not find the
+    model's parameters under the wrapper's name prefix."""
+    return model if isinstance(task, SelfDistillationTask) else task.get_trainable_module()
