@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument('--timm-scripts', required=True, type=Path,
                         help='folder holding timm\'s train.py (a pytorch-image-models checkout)')
     parser.add_argument('--write', type=Path, default=None, help='record timm\'s results to this JSON file')
+    parser.add_argument('--timm-commit', default=None,
+                        help='the commit the scripts are from, recorded with --write (default: the checkout\'s HEAD)')
     parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
                 failed.append(name)
     if args.write:
         args.write.write_text(json.dumps(dict(
-            timm_commit=timm_commit(args.timm_scripts), common=COMMON, cases=reference), indent=1) + '\n')
+            timm_commit=args.timm_commit or timm_commit(args.timm_scripts), common=COMMON, cases=reference), indent=1) + '\n')
         print(f"wrote {args.write}")
         return 0
     return 1 if failed else 0

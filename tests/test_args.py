@@ -1,8 +1,10 @@
 """ Command lines of train.py and validate.py: timm's flag names, YAML/recipe defaults, benchmark names. """
 import argparse
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from sdpgo_timm.runner import args as args_module
 from sdpgo_timm.runner.args import (
@@ -210,3 +212,23 @@ def test_validate_m_is_model_and_results_format_allows_any_file_name():
 def test_validate_options_that_exclude_each_other_are_config_errors(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_validate_args(['digits', *argv])
+
+
+def test_timm_args_yaml_is_accepted_unchanged():
+    """`-c` takes the args.yaml timm's own train.py wrote (tests/data/timm_args.yaml, from commit aa4b5850c154, the
+    `plain` case of benchmarks/timm_parity.py): every key is ours, with timm's value."""
+    path = Path(__file__).parent / 'data' / 'timm_args.yaml'
+    timm_args = yaml.safe_load(path.read_text())
+    args, _ = parse_args(['-c', str(path)])
+    assert {k: getattr(args, k) for k in timm_args} == timm_args
+
+
+def test_our_args_yaml_uses_timms_key_names(tmp_path):
+    """Our args.yaml holds every key of timm's, so timm's train.py -c reads ours; the keys only ours has are ours."""
+    timm_keys = set(yaml.safe_load((Path(__file__).parent / 'data' / 'timm_args.yaml').read_text()))
+    _, text = parse_args(['digits', '--sdpgo'])
+    ours = set(yaml.safe_load(text))
+    assert timm_keys <= ours
+    ours_only = {'config', 'dist_backend', 'dist_url', 'push_to_hub', 'train_fraction', 'pad_crop', 'kd_checkpoint'}
+    assert all(k.startswith(('sdpgo', 'pskd', 'skd', 'label_noise')) or k in ours_only
+               for k in ours - timm_keys), sorted(ours - timm_keys)
