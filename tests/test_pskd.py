@@ -190,8 +190,9 @@ def test_ddp_ranks_share_every_prediction(tmp_path):
     r0, r1 = (torch.load(tmp_path / f'{r}.pt') for r in range(2))
     assert torch.equal(r0['table'], r1['table']) and torch.equal(r0['seen'], r1['seen'])
     assert r0['seen'].tolist() == [True] * 4 + [False] * 2
-    # the table is the same on every rank, so a checkpoint keeps rank 0's copy only, not one per rank
-    assert r0['extra_keys'] == r1['extra_keys'] == []
+    # the table is the same on every rank, so a checkpoint keeps rank 0's copy only, not one per rank (each rank's
+    # RNG states are its own)
+    assert r0['extra_keys'] == r1['extra_keys'] == ['rng_ranks']
     torch.testing.assert_close(r0['table'][:4], torch.cat([r0['prob'], r1['prob']]))
     # epoch 1: each rank's soft targets use the predictions the other rank made in epoch 0
     y = F.one_hot(torch.tensor([0, 2]), 3).float()
