@@ -200,24 +200,26 @@ def create_train_loader(
     With --aug-splits N each batch holds N splits of its images, split-major (clean rows first, then each
     augmented copy; targets repeated), as timm's loader gives them.
     """
-    if args.naflex_loader:
-        return ResumableLoader(create_naflex_train_loader(
-            args, dataset, data_config, device, model_patch_size(model, args.model)))
-    common = dict(
-        input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.,
-        gaussian_blur_prob=args.gaussian_blur_prob or 0., auto_augment=args.aa,
+    # timm's training augmentation, and worker set-up, of every training loader (the NaFlex one's too)
+    augment = dict(
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+        auto_augment=args.aa,
         # timm's: the data config's interpolation without augmentation or a training one
         interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
-        else args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        worker_seeding=args.worker_seeding, img_dtype=getattr(torch, args.model_dtype or 'float32'),
+        else args.train_interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding,
         # fresh workers each epoch (timm keeps them): their seeds come from the RNG states the epoch begins with,
         # which a resumed run restores, so a resume is exact
         persistent_workers=False)
-    common['re_split'] = args.resplit
+    if args.naflex_loader:
+        return ResumableLoader(create_naflex_train_loader(
+            args, dataset, data_config, device, model_patch_size(model, args.model), augment))
+    common = dict(
+        input_size=data_config['input_size'], is_training=True, mean=data_config['mean'], std=data_config['std'],
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        img_dtype=getattr(torch, args.model_dtype or 'float32'), **augment)
     check_replay_batches(args, feed)
     if feed == 'views':
         loader = create_replay_loader(

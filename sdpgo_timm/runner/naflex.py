@@ -8,7 +8,7 @@ train.py therefore scales each batch's loss by its size relative to --batch-size
 does the same for our loop. Loaders and mixing are timm's (create_naflex_loader, NaFlexMixup).
 """
 import argparse
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -96,8 +96,10 @@ def create_naflex_train_loader(
         data_config: dict,
         device: torch.device,
         patch_size: PatchSize,
+        augment: Dict[str, Any],
 ) -> Union[torch.utils.data.DataLoader, NaFlexPrefetchLoader]:
-    """timm's NaFlex training loader, with NaFlexMixup when Mixup/CutMix is on (it mixes inside the loader).
+    """timm's NaFlex training loader, with NaFlexMixup when Mixup/CutMix is on (it mixes inside the loader);
+    `augment` holds the augmentation and worker arguments of every training loader (builders.create_train_loader).
 
     Its sample order and --mixup-off-epoch follow its dataset's `set_epoch`; it cannot resume mid-epoch.
     """
@@ -116,14 +118,8 @@ def create_naflex_train_loader(
                             patch_size_choice_probs=args.naflex_patch_size_probs)
     return create_naflex_loader(
         dataset, train_seq_lens=args.naflex_train_seq_lens, batch_size=args.batch_size, is_training=True,
-        mixup_fn=mixup_fn, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
-        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
-        auto_augment=args.aa, interpolation=args.train_interpolation, num_workers=args.workers,
-        rank=args.rank, world_size=args.world_size, seed=args.seed, worker_seeding=args.worker_seeding,
-        # fresh workers each epoch, as the other training loaders: they then follow the per-epoch reseed
-        persistent_workers=False, **patch_kwargs, **_common_kwargs(args, data_config, device))
+        mixup_fn=mixup_fn, rank=args.rank, world_size=args.world_size, seed=args.seed, **augment, **patch_kwargs,
+        **_common_kwargs(args, data_config, device))
 
 
 def create_naflex_eval_loader(
