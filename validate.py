@@ -92,17 +92,21 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     if real_labels is not None:  # as timm's validate.py: ReaL accuracy replaces top-1/top-5
         metrics.update(top1=real_labels.get_accuracy(k=1), top5=real_labels.get_accuracy(k=real_labels.topk[-1]))
     class_metrics = scores.results() if scores else {}
+    # timm's result keys in timm's order, then ours
     result = dict(
-        model=args.model, checkpoint=path, split=args.split,
-        top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
-        top5=round(metrics['top5'], 4), top5_err=round(100 - metrics['top5'], 4),
-        **class_metrics,
-        loss=round(metrics['loss'], 4), img_per_sec=round(metrics['img_per_sec'], 1),
+        model=args.model, top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
+        top5=round(metrics['top5'], 4), top5_err=round(100 - metrics['top5'], 4), **class_metrics,
         param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
-        crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
-    _logger.info(f"{args.model} {path}: top1 {result['top1']:.3f} top5 {result['top5']:.3f} "
-                 f"loss {result['loss']:.4f} ({result['img_per_sec']:.1f} img/s)"
-                 + ''.join(f" {name} {value:.3f}" for name, value in class_metrics.items()))
+        crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
+        checkpoint=path, split=args.split, loss=round(metrics['loss'], 4),
+        img_per_sec=round(metrics['img_per_sec'], 1))
+    line = (f" * Acc@1 {result['top1']:.3f} ({result['top1_err']:.3f}) "
+            f"Acc@5 {result['top5']:.3f} ({result['top5_err']:.3f})")
+    if class_metrics:
+        avg = args.metrics_avg
+        line += (f" | Precision({avg}) {class_metrics[f'{avg}_precision']:.3f} | Recall({avg}) "
+                 f"{class_metrics[f'{avg}_recall']:.3f} | F1-score({avg}) {class_metrics[f'{avg}_f1_score']:.3f}")
+    _logger.info(f"{line} | loss {result['loss']:.4f} | {result['img_per_sec']:.1f} img/s | {args.model} {path}")
     return result
 
 

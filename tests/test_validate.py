@@ -1,6 +1,7 @@
 """ validate.py on checkpoints written by train.py: same numbers as training's evaluation, results files, errors. """
 import csv
 import json
+import logging
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -52,6 +53,22 @@ def test_ema_weights_match_training_evaluation(ce_ema_run, capsys):
                          '--use-ema', '-b', '64', '--workers', '0']) == 0
     result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
     assert result['top1'] == pytest.approx(float(row['eval_top1']), abs=1e-4)
+
+
+def test_log_lines_and_result_keys_are_timms(ce_ema_run, capsys, caplog):
+    """timm's validate.py lines (`Test: [   0/N]` every --log-freq batches from 0, then ` * Acc@1 a (err) Acc@5 b
+    (err)`) and its result keys first, in its order; ours after them."""
+    caplog.set_level(logging.INFO)
+    assert run_validate(['digits', '--checkpoint', str(ce_ema_run / 'last.pth.tar'), '-b', '64', '--workers', '0',
+                         '--log-freq', '2']) == 0
+    result, = json.loads(capsys.readouterr().out.split('--result\n')[-1])
+    assert list(result)[:9] == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size',
+                                'crop_pct', 'interpolation']
+    messages = [r.getMessage() for r in caplog.records]
+    batches = [int(m.split('[')[1].split('/')[0]) for m in messages if m.startswith('Test: [')]
+    assert batches and batches == list(range(0, batches[-1] + 1, 2))
+    assert any(m.startswith(f" * Acc@1 {result['top1']:.3f} ({result['top1_err']:.3f}) Acc@5 {result['top5']:.3f} "
+                            f"({result['top5_err']:.3f})") for m in messages)
 
 
 def test_checkpoint_folder_gives_one_result_per_checkpoint(ce_ema_run, tmp_path):
