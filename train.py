@@ -63,8 +63,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     random_seed(args.seed, args.rank)
 
     dataset_train = create_split_dataset(args, args.train_split, is_training=True)
-    dataset_eval = create_split_dataset(args, args.val_split, is_training=False)
-    check_training_classes(dataset_train, dataset_eval)
+    # as timm: an empty --val-split trains without evaluation, and the training loss picks the best checkpoint
+    dataset_eval = create_split_dataset(args, args.val_split, is_training=False) if args.val_split else None
+    if dataset_eval is not None:
+        check_training_classes(dataset_train, dataset_eval)
+    eval_metric = args.eval_metric if dataset_eval is not None else 'loss'
     check_num_classes(args, dataset_train)
     skipped = getattr(dataset_train, 'skipped', None)
     model = create_timm_model(args, dataset_train)
@@ -105,7 +108,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                                        model=model)
     if args.recovery_interval and not loader_train.resumable:
         raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
-    loader_eval = create_eval_loader(args, dataset_eval, data_config, device, model=model)
+    loader_eval = create_eval_loader(args, dataset_eval, data_config, device, model=model) if dataset_eval else None
 
     resume_path = resolve_resume(args)
     point = ResumePoint()
@@ -122,7 +125,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
     num_updates = point.epoch * updates_per_epoch if point.num_updates is None else point.num_updates
     if num_updates > 0:
@@ -145,7 +148,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         log_wandb = start_wandb(args, exp_name)
         saver = TrainCheckpointSaver(
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
-            recovery_dir=output_dir, decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist,
+            recovery_dir=output_dir, decreasing=eval_metric == 'loss', max_history=args.checkpoint_hist,
             task=task, classes=dataset_classes(dataset_train))
         if in_place:
             resume_in_place(saver, resume_path, output_dir, point)
@@ -202,28 +205,31 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                 _logger.info(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}; no evaluation or checkpoint "
                              f"(--val-interval {args.val_interval})")
             continue
-        evaluate = partial(validate, loader=loader_eval, device=device, amp_autocast=amp_autocast,
-                           channels_last=args.channels_last, distributed=args.distributed,
-                           world_size=args.world_size, log_interval=args.log_interval if primary else 0,
-                           input_dtype=model_dtype, tta=args.tta)
-        eval_metrics = evaluate(eval_model)
-        if task.has_ema() and not args.model_ema_force_cpu:
-            ema_model = task.get_trainable_module(ema=True)
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(ema_model, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics = evaluate(task.get_eval_model(ema=True), log_suffix=' (EMA)')
-        metric = eval_metrics[args.eval_metric]
-        results.append(dict(epoch=epoch, train=train_metrics, validation=eval_metrics))
+        eval_metrics = {}
+        if loader_eval is not None:
+            evaluate = partial(validate, loader=loader_eval, device=device, amp_autocast=amp_autocast,
+                               channels_last=args.channels_last, distributed=args.distributed,
+                               world_size=args.world_size, log_interval=args.log_interval if primary else 0,
+                               input_dtype=model_dtype, tta=args.tta)
+            eval_metrics = evaluate(eval_model)
+            if task.has_ema() and not args.model_ema_force_cpu:
+                ema_model = task.get_trainable_module(ema=True)
+                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    distribute_bn(ema_model, args.world_size, args.dist_bn == 'reduce')
+                eval_metrics = evaluate(task.get_eval_model(ema=True), log_suffix=' (EMA)')
+        metric = (eval_metrics or train_metrics)[eval_metric]
+        results.append(dict(epoch=epoch, train=train_metrics, **({'validation': eval_metrics} if eval_metrics else {})))
         extra = collect()
         if primary:
             # the rate the epoch trained with (as timm's summary): read before the scheduler steps to the next one
             lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
             unreadable = f", {train_metrics['skipped']} unreadable skipped" if train_metrics['skipped'] else ''
+            evaluated = (f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
+                         f"loss {eval_metrics['loss']:.4f}" if eval_metrics else 'no evaluation (--val-split empty)')
             _logger.info(
                 f"epoch {epoch}: train loss {train_metrics['loss']:.4f} ({train_metrics['steps']} steps, "
                 f"{train_metrics['samples']} samples{unreadable}, {train_metrics['img_per_sec']:.1f} img/s) | "
-                f"eval top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
-                f"loss {eval_metrics['loss']:.4f}")
+                f"{evaluated}")
             # the checkpoint first, holding its row: summary.csv never lists an epoch without a checkpoint, and
             # a run stopped between the two writes gets the row back when it resumes
             row = dict(epoch=epoch, train=train_metrics, eval=eval_metrics, lr=lr)
@@ -244,8 +250,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         else:
             _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
         # timm's parsable result: the ten best evaluated epochs, best last
-        ranked = sorted(results, key=lambda r: r['validation'][args.eval_metric],
-                        reverse='loss' in args.eval_metric)
+        ranked = sorted(results, key=lambda r: r.get('validation', r['train'])[eval_metric],
+                        reverse=eval_metric == 'loss')
         print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
     if primary and args.push_to_hub and output_dir:
         from sdpgo_timm.hub import HubError, push_checkpoint

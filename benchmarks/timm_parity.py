@@ -34,7 +34,7 @@ COMMON = ['--model', 'test_resnet', '--num-classes', '3', '--img-size', '32', '-
           '--log-interval', '2']
 # each case exercises a part of timm's loop: the plain step, Mixup/CutMix in the prefetcher's collate, Mixup in the
 # loop with accumulation, clipping, per-update schedule and EMA, and RandAugment / random erasing / AdamW / a step
-# schedule / drop path / bfloat16 autocast / BCE
+# schedule / drop path / bfloat16 autocast / BCE, and training without evaluation
 CASES: Dict[str, List[str]] = {
     'plain': [],
     'mixup_prefetcher': ['--mixup', '0.4', '--cutmix', '1.0'],
@@ -46,6 +46,7 @@ CASES: Dict[str, List[str]] = {
                            '--drop-path', '0.1'],
     'bce_lamb': ['--bce-loss', '--smoothing', '0.1', '--opt', 'lamb', '--lr', '0.01', '--clip-mode', 'agc',
                  '--clip-grad', '0.05'],
+    'no_validation': ['--val-split', ''],  # no evaluation: the training loss picks the best checkpoint
 }
 _PROGRESS = re.compile(r'Train: (\d+) \[\s*(\d+)/\d+ \(\s*\d+%\)\]\s+Loss: (\S+) \((\S+)\).*LR: (\S+)')
 
@@ -71,9 +72,9 @@ def parse_progress(lines: List[str]) -> List[List[float]]:
 
 
 def read_summary(path: Path) -> List[Dict[str, float]]:
-    """summary.csv's rows, timm's columns only."""
+    """summary.csv's rows, timm's columns only (those it has: no eval_* without evaluation)."""
     with open(path, newline='') as f:
-        return [{k: float(row[k]) for k in SUMMARY_COLUMNS} for row in csv.DictReader(f)]
+        return [{k: float(row[k]) for k in SUMMARY_COLUMNS if k in row} for row in csv.DictReader(f)]
 
 
 def run_script(script: Path, data: Path, case: List[str], output: Path, name: str) -> Dict[str, list]:
@@ -116,8 +117,8 @@ def main(argv=None) -> int:
                 ours['progress'] == theirs['progress']
             print(f"{name}: {'same' if same else 'DIFFERENT'}")
             for a, b in zip(theirs['summary'], ours['summary']):
-                print(f"  epoch {int(a['epoch'])}: timm loss {a['train_loss']:.10f} top1 {a['eval_top1']:.4f} | "
-                      f"ours loss {b['train_loss']:.10f} top1 {b['eval_top1']:.4f}")
+                print(f"  epoch {int(a['epoch'])}: timm loss {a['train_loss']:.10f} top1 {a.get('eval_top1', '-')} | "
+                      f"ours loss {b['train_loss']:.10f} top1 {b.get('eval_top1', '-')}")
             if not same:
                 failed.append(name)
     if args.write:

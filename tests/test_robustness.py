@@ -380,6 +380,9 @@ CASES = {
     'train: --resume auto without --experiment': Case(
         'train', lambda i: train_argv(i, 'digits', '--resume', 'auto', experiment=''),
         '--resume auto needs --experiment'),
+    'train: an eval metric evaluation does not report': Case(
+        'train', lambda i: train_argv(i, 'digits', '--eval-metric', 'top10'),
+        "--eval-metric 'top10' is not one evaluation reports; use one of top1, top5, loss"),
     'train: unknown option': Case('train', lambda i: train_argv(i, 'digits', '--bogus'),
                                   'unrecognized arguments: --bogus'),
     'train: unwritable output folder': Case(

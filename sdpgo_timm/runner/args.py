@@ -637,6 +637,9 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
         raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume == 'auto' and not args.experiment:
         raise ConfigError("--resume auto needs --experiment NAME (and --output): it resumes the run in that folder")
+    if args.eval_metric not in EVAL_METRICS:  # timm's train.py would fail on it after the first epoch
+        raise ConfigError(f"--eval-metric {args.eval_metric!r} is not one evaluation reports; use one of "
+                          f"{', '.join(EVAL_METRICS)}")
     return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)
 
 
@@ -646,6 +649,7 @@ EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), 
              ('interpolation',), ('model_kwargs',), ('bn_eps',),
              ('split_bn', 'aug_splits'))  # a --split-bn model holds aux BatchNorm layers (unused in evaluation)
 RESULTS_FORMATS = ('csv', 'json')
+EVAL_METRICS = ('top1', 'top5', 'loss')  # what evaluation reports (--eval-metric)
 MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
 JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')  # timm's set_jit_fuser names (legacy, nvf: aliases)
 
