@@ -116,7 +116,7 @@ def test_scheduled_loader_resumes_mid_epoch_after_a_repeated_pass():
     argv = ['-b', '32', '--train-img-sizes', '16', '24', '--epoch-repeats', '2']
 
     def epoch(loader, state=None, stop=-1):
-        random_seed(43, 0)  # train.py's per-epoch reseed
+        random_seed(43, 0)  # some RNG state as the epoch begins (a resumed loader restores the stopped one's)
         loader.set_epoch(1)
         if state is not None:
             loader.load_state_dict(state)

@@ -69,7 +69,7 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[object, int]:
         pixels = self.images[index]
         if self.pad_crop:
-            # torch's generator (as torchvision's RandomCrop), which train.py reseeds every epoch
+            # torch's generator (as torchvision's RandomCrop), whose state checkpoints save and a resume restores
             y, x = torch.randint(0, 2 * self.pad_crop + 1, (2,)).tolist()
             h, w = pixels.shape
             pixels = self._padded[index, y:y + h, x:x + w]
