@@ -87,6 +87,23 @@ def test_resume_is_exact_with_mixup_cutmix(tmp_path):
     _resume_matches_straight_run(tmp_path / 'straight', tmp_path, mix)
 
 
+def test_plain_resume_is_exact_from_the_saved_rng_states(tmp_path):
+    """A CE run draws its sample order and augmentations from the global RNGs, which no epoch reseeds (as in timm):
+    an epoch checkpoint holds them and a resumed run restores them. Without them the next epoch draws others."""
+    plain = ['digits', '--epochs', '2', *FAST, '--output', str(tmp_path)]
+    assert run_train([*plain, '--experiment', 'straight']) == 0
+    epoch0 = tmp_path / 'straight' / 'checkpoint-0.pth.tar'
+    assert len(load_checkpoint_file(str(epoch0))['rng_ranks']) == 1
+    assert run_train([*plain, '--experiment', 'resumed', '--resume', str(epoch0)]) == 0
+    assert_same_weights(tmp_path / 'straight' / 'last.pth.tar', tmp_path / 'resumed' / 'last.pth.tar')
+
+    checkpoint = load_checkpoint_file(str(epoch0))
+    del checkpoint['rng_ranks']
+    torch.save(checkpoint, tmp_path / 'no_rng.pth.tar')
+    assert run_train([*plain, '--experiment', 'no_rng', '--resume', str(tmp_path / 'no_rng.pth.tar')]) == 0
+    assert summary(tmp_path / 'no_rng')[0]['train_loss'] != summary(tmp_path / 'straight')[1]['train_loss']
+
+
 def test_imagenet_benchmark_from_environment(image_folder, tmp_path, monkeypatch):
     """`train.py imagenet ... --sdpgo` with IMAGENET_DIR, as the user runs it (one process)."""
     monkeypatch.setenv('IMAGENET_DIR', str(image_folder))
