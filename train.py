@@ -92,7 +92,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 and device.type == 'cuda' else None
     if primary:
         _logger.info('Using native Torch AMP. Training in mixed precision.' if amp_dtype else
-                     'AMP not enabled. Training in torch.float32.')
+                     f'AMP not enabled. Training in {model_dtype or torch.float32}.')
     resolve_lr(args, log=primary)
     optimizer = create_optimizer_v2(optimizer_module(task, model), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     if primary:
