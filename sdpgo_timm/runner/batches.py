@@ -11,17 +11,14 @@ the same sampler with the model's one input size as the only choice. The learnin
 import argparse
 from typing import Any, Dict, Optional, Sequence, Union
 
-import timm
-import timm.data
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, RandomSampler
 
+from timm.data import ScheduledBatchSampler
+
 from .naflex import batch_rows
 from .recovery import inner_data_loader
-
-# timm's scheduled batches are recent (this project requires an older timm): None where the installed one lacks them
-ScheduledBatchSampler = getattr(timm.data, 'ScheduledBatchSampler', None)
 
 __all__ = ['policy_batch_size', 'epoch_batches', 'scheduled_loader_kwargs', 'seed_scheduled_order',
            'BatchLossScale', 'batch_loss_scale']
@@ -29,12 +26,6 @@ __all__ = ['policy_batch_size', 'epoch_batches', 'scheduled_loader_kwargs', 'see
 
 def _schedule_epochs(args: argparse.Namespace) -> Optional[int]:
     return args.epochs if args.train_size_schedule == 'progressive' else None
-
-
-def _check_timm_schedules(flag: str) -> None:
-    if ScheduledBatchSampler is None:
-        raise ValueError(f"{flag} needs timm's ScheduledBatchSampler, which timm {timm.__version__} lacks: upgrade timm "
-                         "(1.0.31 has it)")
 
 
 def policy_batch_size(args: argparse.Namespace) -> float:
@@ -46,7 +37,6 @@ def policy_batch_size(args: argparse.Namespace) -> float:
     """
     if args.train_img_sizes is None:
         return float(args.batch_size)
-    _check_timm_schedules('--train-img-sizes')
     batch_sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
     if len(batch_sizes) != len(args.train_img_sizes):
         raise ValueError(f"--train-batch-sizes gives {len(batch_sizes)} sizes for {len(args.train_img_sizes)} "
@@ -87,7 +77,6 @@ def scheduled_loader_kwargs(
         flag = '--train-img-sizes' if scheduled else '--train-batches-per-epoch'
         raise ValueError(f"{flag} draws batches from an indexable dataset, but this one streams; set the epoch "
                          "length with --train-num-samples or --epoch-repeats instead")
-    _check_timm_schedules('--train-img-sizes' if scheduled else '--train-batches-per-epoch / --epoch-repeats')
     return dict(
         input_size_choices=args.train_img_sizes if scheduled else [tuple(input_size)],
         batch_size_choices=args.train_batch_sizes if scheduled else None,
@@ -119,7 +108,7 @@ def seed_scheduled_order(loader: Any, seed: int) -> None:
     """Give a loader's ScheduledBatchSampler (timm's) an epoch-seeded sample order where it shuffles with the
     global RNG; a DistributedSampler (or timm's RepeatAugSampler) under it is already seeded per epoch and stays."""
     batch_sampler = inner_data_loader(loader).batch_sampler
-    if ScheduledBatchSampler is not None and isinstance(batch_sampler, ScheduledBatchSampler) \
+    if isinstance(batch_sampler, ScheduledBatchSampler) \
             and type(batch_sampler.sampler) is RandomSampler:
         batch_sampler.sampler = EpochRandomSampler(batch_sampler.sampler.data_source, seed)
 
