@@ -15,9 +15,9 @@ steps over the same fresh samples per step. The replay methods (SDPGO, DLB) run 
 every method sees B/2 new samples. A replay step forwards B images, twice CE's, so the row
 `CE×2` (CE for twice the epochs) is CE at the replay methods' compute.
 
-`KD` (not run by default: `--methods ... KD`) is the teacher-distillation baseline: a CE teacher of the
-same model is trained first, on the same data, noisy labels, batch, epochs and seed (it is the CE run
-of that condition), then a student is distilled from its last-epoch weights with timm's logit KD
+`KD` (not run by default: `--methods ... KD`) is the teacher-distillation baseline: its teacher is the CE
+run of the same model, data, noisy labels, batch, epochs and seed (the study's own CE run when CE is among
+--methods, else one trained first for it), and a student is distilled from its last-epoch weights with timm's logit KD
 (train.py --kd-model-name/--kd-checkpoint, timm's defaults: task and distillation weights 1, temperature
 4). Its `steps` are the student's; a KD result costs the teacher's run plus a student run with one more
 forward per step. `teacher_top1` in the CSV is the teacher's own last-epoch top-1.
@@ -35,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -66,22 +66,53 @@ DATASETS = {
 Condition = Tuple[float, float]  # (eta, fraction)
 
 
-def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str) -> Dict[str, float]:
+def experiment_name(method: str, condition: Condition, seed: int, args: argparse.Namespace) -> str:
+    """The run folder of a method's run of a condition and seed."""
+    eta, fraction = condition
+    return f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+
+
+def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str,
+            teacher_top1: Optional[float] = None) -> Dict[str, float]:
     """Train once; return the last epoch's clean top-1 on --eval-split and the run's step count.
 
-    A method with a `teacher` (KD) first trains the teacher's method on the same condition and seed, then
-    distils from that run's last-epoch checkpoint, and also returns the teacher's own top-1 (`teacher_top1`).
+    A method with a `teacher` (KD) distils from the last-epoch checkpoint of the teacher method's run of the same
+    condition and seed, and also returns the teacher's own top-1 (`teacher_top1`): that run's when the study
+    has it (`teacher_top1` given: its run is done), else one trained here first.
     """
     spec = METHODS[method]
-    eta, fraction = condition
-    experiment = f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+    experiment = experiment_name(method, condition, seed, args)
     if not spec.get('teacher'):
         return _train(spec, condition, seed, args, out_dir, experiment, spec['flags'])
-    teacher = _train(METHODS[spec['teacher']], condition, seed, args, out_dir, f"{experiment}-teacher",
-                     METHODS[spec['teacher']]['flags'])
-    weights = os.path.join(out_dir, f"{experiment}-teacher", 'last.pth.tar')
+    teacher_experiment = experiment_name(spec['teacher'], condition, seed, args)
+    if teacher_top1 is None:
+        teacher_experiment += '-for-kd'
+        teacher_top1 = _train(METHODS[spec['teacher']], condition, seed, args, out_dir, teacher_experiment,
+                              METHODS[spec['teacher']]['flags'])['top1']
+    weights = os.path.join(out_dir, teacher_experiment, 'last.pth.tar')
     flags = [*spec['flags'], '--kd-model-name', args.model, '--kd-checkpoint', weights]
-    return dict(**_train(spec, condition, seed, args, out_dir, experiment, flags), teacher_top1=teacher['top1'])
+    return dict(**_train(spec, condition, seed, args, out_dir, experiment, flags), teacher_top1=teacher_top1)
+
+
+def run_all(runs: List[Tuple[str, Condition, int]], args: argparse.Namespace, out_dir: str,
+            pool: Executor) -> Dict[Tuple[str, Condition, int], Future]:
+    """Submit every run; one whose teacher method is in the study (KD beside CE) is submitted once the teacher's run
+    of its condition and seed is done, and distils from it instead of training the same teacher again."""
+    futures: Dict[Tuple[str, Condition, int], Future] = {}
+    waiting = []
+    for run in runs:
+        if METHODS[run[0]].get('teacher') in args.methods:
+            waiting.append(run)
+        else:
+            futures[run] = pool.submit(run_one, *run, args, out_dir)
+    while waiting:
+        teachers = {run: futures[(METHODS[run[0]]['teacher'], *run[1:])] for run in waiting}
+        wait(list(teachers.values()), return_when=FIRST_COMPLETED)
+        for run, teacher in teachers.items():
+            if teacher.done():
+                futures[run] = pool.submit(run_one, *run, args, out_dir, teacher.result()['top1'])
+                waiting.remove(run)
+    return futures
 
 
 def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str, experiment: str,
@@ -260,9 +291,9 @@ def main(argv=None) -> int:
     start = time.time()
     runs = [(method, condition, seed) for seed in args.seeds for condition in conditions for method in args.methods]
     with tempfile.TemporaryDirectory() as out_dir, _executor(args) as pool:
-        futures = [pool.submit(run_one, method, condition, seed, args, out_dir) for method, condition, seed in runs]
-        for (method, (eta, fraction), seed), future in zip(runs, futures):
-            r = future.result()
+        futures = run_all(runs, args, out_dir, pool)
+        for method, (eta, fraction), seed in runs:
+            r = futures[(method, (eta, fraction), seed)].result()
             results[method][(eta, fraction)].append(r['top1'])
             rows.append(dict(method=method, noise=args.noise, eta=eta, fraction=fraction, seed=seed, **r))
             print(f"{method:6s} eta={eta:<4g} fraction={fraction:<4g} seed={seed} top1={r['top1']:.2f} "

@@ -76,10 +76,14 @@ def test_kd_row_distils_from_the_ce_run_of_its_condition(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bench = _load_benchmark()
     out = {k: str(tmp_path / f'kd.{k}') for k in ('md', 'csv', 'png')}
-    assert bench.main(['--quick', '--methods', 'CE', 'KD', '--threads', '1',
+    trained = []
+    train = bench._train
+    monkeypatch.setattr(bench, '_train', lambda *a: trained.append(a[5]) or train(*a))
+    assert bench.main(['--quick', '--methods', 'KD', 'CE', '--threads', '1',
                        '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]) == 0
     rows = {(r['method'], float(r['eta'])): r for r in csv.DictReader(open(out['csv']))}
     assert len(rows) == 4  # --quick: eta 0 and 0.4
+    assert len(trained) == 4 and not any(name.endswith('-for-kd') for name in trained)  # no second CE run
     for eta in (0.0, 0.4):
         ce, kd = rows['CE', eta], rows['KD', eta]
         assert kd['teacher_top1'] == ce['top1'] and ce['teacher_top1'] == ''
@@ -87,3 +91,16 @@ def test_kd_row_distils_from_the_ce_run_of_its_condition(tmp_path, monkeypatch):
     table = Path(out['md']).read_text()
     assert '| KD |' in table and "KD: timm's logit distillation" in table
     assert f"The teachers' own top-1: {float(rows['CE', 0.0]['top1']):.2f} (clean)" in table
+
+
+def test_kd_without_ce_in_the_study_trains_its_own_teacher_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = _load_benchmark()
+    trained = []
+    train = bench._train
+    monkeypatch.setattr(bench, '_train', lambda *a: trained.append(a[5]) or train(*a))
+    out = {k: str(tmp_path / f'kd.{k}') for k in ('md', 'csv', 'png')}
+    assert bench.main(['--quick', '--methods', 'KD', '--threads', '1',
+                       '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]) == 0
+    assert trained == ['CE-sym0.0-f1.0-s0-for-kd', 'KD-sym0.0-f1.0-s0', 'CE-sym0.4-f1.0-s0-for-kd', 'KD-sym0.4-f1.0-s0']
+    assert all(0.0 <= float(row['teacher_top1']) <= 100.0 for row in csv.DictReader(open(out['csv'])))
