@@ -38,7 +38,9 @@ def test_plain_run_gives_timms_losses_accuracy_and_progress_lines(case, parity_f
     summary = timm_parity.read_summary(tmp_path / 'ours' / 'summary.csv')
     assert len(summary) == len(reference['summary'])
     for ours, theirs in zip(summary, reference['summary']):
-        assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9), f"epoch {theirs['epoch']}"
+        # equal to the last digit on the machine that recorded them; the margin is for another CPU's kernels (a
+        # change in what is drawn or computed moves the losses by 1e-3 and more)
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-9), f"epoch {theirs['epoch']}"
 
     progress = timm_parity.parse_progress([r.getMessage() for r in caplog.records])
     assert [line[:2] for line in progress] == [line[:2] for line in reference['progress']]  # epoch, update index
