@@ -76,6 +76,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                      f"{sum(p.numel() for p in model.parameters())}")
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     model_dtype = resolve_model_dtype(args)
+    if model_dtype == torch.float16:  # timm's train.py warns so too
+        _logger.warning('float16 is not recommended for training, for half precision bfloat16 is recommended.')
     model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 
 import torch
 from timm.data import resolve_data_config
-from timm.utils import random_seed, set_jit_fuser
+from timm.utils import random_seed
 
 from sdpgo_timm.data.factory import create_split_dataset
 from sdpgo_timm.runner import errors
@@ -34,10 +34,10 @@ from sdpgo_timm.runner.engine import validate
 from sdpgo_timm.runner.errors import ConfigError, RunError
 from sdpgo_timm.runner.evaluation import (
     ClassMetrics, EvaluationFailed, ValidLabels, apply_test_pool, call_all, compile_eval_model, create_eval_model,
-    create_real_labels, create_validate_loader, eval_model_dtype, evaluate_with_retry,
+    create_real_labels, create_validate_loader, evaluate_with_retry,
     read_valid_labels, write_results)
 from sdpgo_timm.runner.naflex import model_patch_size
-from sdpgo_timm.runner.setup import create_autocast, default_device, setup_script_logging
+from sdpgo_timm.runner.setup import create_autocast, default_device, resolve_model_dtype, setup_script_logging
 
 _logger = logging.getLogger('validate')
 
@@ -60,9 +60,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
     if args.num_gpu > 1 and (device.type != 'cuda' or args.num_gpu > torch.cuda.device_count()):
         raise ConfigError(f"--num-gpu {args.num_gpu} needs that many CUDA devices; this run has "
                           f"{torch.cuda.device_count() if device.type == 'cuda' else 0} on {device.type}")
-    dtype = eval_model_dtype(args)
-    if args.fuser:
-        set_jit_fuser(args.fuser)
+    dtype = resolve_model_dtype(args)
     dataset = create_split_dataset(args, args.split, is_training=False)
     model = create_eval_model(args, dataset, checkpoint, path)
     param_count = sum(p.numel() for p in model.parameters())
@@ -82,7 +80,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
         model = torch.nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
     if valid_labels:
         model = ValidLabels(model, valid_labels, device)
-    loader = create_validate_loader(args, dataset, data_config, device, dtype, patch_size)
+    loader = create_validate_loader(args, dataset, data_config, device, patch_size)
     scores = ClassMetrics(args.metrics_avg) if args.metrics_avg else None
     on_output = call_all(real_labels.add_result if real_labels else None, scores.add_output if scores else None)
     amp_autocast, _ = create_autocast(args, device)

@@ -280,9 +280,9 @@ def test_test_pool_pools_a_larger_input_as_at_the_model_default_size(image_folde
 
 def test_torchscript_and_fuser_evaluate_a_script_module_with_the_same_top1(sdpgo_run, capsys, evaluated,
                                                                            monkeypatch):
-    import validate as script
-    fusers, real_set_jit_fuser = [], script.set_jit_fuser
-    monkeypatch.setattr(script, 'set_jit_fuser', lambda name: fusers.append(name) or real_set_jit_fuser(name))
+    from sdpgo_timm.runner import setup  # the model builder sets the fuser, for both scripts
+    fusers, real_set_jit_fuser = [], setup.set_jit_fuser
+    monkeypatch.setattr(setup, 'set_jit_fuser', lambda name: fusers.append(name) or real_set_jit_fuser(name))
     argv = ['digits', '--checkpoint', str(sdpgo_run / 'last.pth.tar'), '--workers', '0']
     assert run_validate(argv) == 0 and run_validate(argv + ['--torchscript', '--fuser', 'te']) == 0
     (eager,), (scripted,) = _results(capsys)

@@ -582,11 +582,23 @@ def _check_minima(args: argparse.Namespace, minima) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def _check_compile_and_dtype(args: argparse.Namespace) -> None:
+    """ConfigErrors, for both scripts, for ways of running the model that exclude each other (--torchscript,
+    --torchcompile, validate.py's --aot-autograd) and for --amp with a --model-dtype other than float32."""
+    compilers = [flag for flag, on in (('--torchscript', args.torchscript), ('--torchcompile', args.torchcompile),
+                                       ('--aot-autograd', getattr(args, 'aot_autograd', False))) if on]
+    if len(compilers) > 1:
+        raise ConfigError(f"{' and '.join(compilers)} exclude each other (the model is scripted or compiled): "
+                          "pick one")
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise ConfigError(f"--amp needs a float32 model (AMP needs float32 weights), not --model-dtype "
+                          f"{args.model_dtype}; drop one of the two")
+
+
 def _check_model_and_loader_flags(args: argparse.Namespace) -> None:
     """ConfigErrors for combinations of timm's model and loader flags that timm's train.py asserts against (or
     silently ignores), each naming the fix."""
-    if args.torchscript and args.torchcompile:
-        raise ConfigError("--torchscript and --torchcompile both given: the model is scripted or compiled, pick one")
+    _check_compile_and_dtype(args)
     if args.torchscript and args.sync_bn:
         raise ConfigError("--torchscript does not combine with --sync-bn (a scripted model's BatchNorm layers cannot "
                           "be converted to SyncBatchNorm); drop one")
@@ -594,9 +606,6 @@ def _check_model_and_loader_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--torchscript does not combine with SDPGO's PWA alpha (it taps the model's layers with Python "
                           "hooks, which a scripted model does not run): add --sdpgo-alpha-mode fixed or drop "
                           "--torchscript")
-    if args.amp and args.model_dtype not in (None, 'float32'):
-        raise ConfigError(f"--model-dtype {args.model_dtype} with --amp: AMP needs float32 weights; drop --amp or "
-                          "--model-dtype")
     if args.train_img_sizes is None:
         for name in ('train_batch_sizes', 'train_size_probs'):
             if getattr(args, name) is not None:
@@ -670,12 +679,7 @@ def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _check_validate_combinations(args: argparse.Namespace) -> None:
     """A ConfigError for validate.py options that exclude each other (timm asserts, or fails mid-run)."""
-    compilers = [flag for flag, on in (('--torchscript', args.torchscript), ('--torchcompile', args.torchcompile),
-                                       ('--aot-autograd', args.aot_autograd)) if on]
-    if len(compilers) > 1:
-        raise ConfigError(f"{' and '.join(compilers)} exclude each other; give one of them")
-    if args.amp and args.model_dtype not in (None, 'float32'):
-        raise ConfigError(f"--amp needs a float32 model, not --model-dtype {args.model_dtype}; drop one of the two")
+    _check_compile_and_dtype(args)
     if args.naflex_loader and args.channels_last:
         raise ConfigError("--channels-last does not apply to the NaFlex loader's patch sequences; drop one of the two")
     if args.tf_preprocessing and (args.no_prefetcher or args.naflex_loader):

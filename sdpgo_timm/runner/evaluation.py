@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 from timm.data import ImageDataset, RealLabelsImagenet
-from timm.layers import apply_test_time_pool, set_layer_config
+from timm.layers import apply_test_time_pool
 from timm.utils import check_batch_size_retry, decay_batch_step, reparameterize_model
 
 from ..data.factory import check_same_classes, dataset_num_classes
@@ -41,8 +41,7 @@ def create_eval_model(
     """
     if checkpoint is not None:
         check_checkpoint_arch(checkpoint, path, args.model)
-    with set_layer_config(scriptable=args.torchscript or None):
-        model = create_timm_model(args, None if args.valid_labels else dataset)
+    model = create_timm_model(args, None if args.valid_labels else dataset)  # scriptable for --torchscript
     if checkpoint is not None:
         load_weights_into(model, checkpoint, path, f"--model {args.model!r} with {model.num_classes} classes",
                           use_ema=args.use_ema)
@@ -58,11 +57,6 @@ def create_eval_model(
     if args.reparam:
         model = reparameterize_model(model)
     return model
-
-
-def eval_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    """The torch dtype of --model-dtype (None: the model's own, float32)."""
-    return getattr(torch, args.model_dtype) if args.model_dtype else None
 
 
 def apply_test_pool(model: nn.Module, data_config: Dict[str, Any]) -> nn.Module:
@@ -160,17 +154,6 @@ class MapBatches:
         return map(self.fn, self.loader)
 
 
-def _cast_batch(dtype: torch.dtype) -> Callable:
-    """A batch mapper casting the floating inputs (a tensor, or NaFlex's dict of them) to `dtype`."""
-    def cast(batch):
-        input, target = batch
-        if isinstance(input, dict):
-            return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                    for k, v in input.items()}, target
-        return input.to(dtype), target
-    return cast
-
-
 def _check_tf_preprocessing(dataset: Dataset) -> None:
     """ConfigErrors where timm's TensorFlow preprocessing cannot run: it decodes image files itself, in TensorFlow."""
     if not isinstance(dataset, ImageDataset):
@@ -183,28 +166,38 @@ def _check_tf_preprocessing(dataset: Dataset) -> None:
                           "flag out") from None
 
 
+def _cast_batch(dtype: torch.dtype) -> Callable:
+    """A batch mapper casting the floating inputs (a tensor, or NaFlex's dict of them) to `dtype`."""
+    def cast(batch):
+        input, target = batch
+        if isinstance(input, dict):
+            return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in input.items()}, target
+        return input.to(dtype), target
+    return cast
+
+
 def create_validate_loader(
         args: argparse.Namespace,
         dataset: Dataset,
         data_config: Dict[str, Any],
         device: torch.device,
-        dtype: Optional[torch.dtype] = None,
         patch_size: Optional[Tuple[int, int]] = None,
 ):
     """validate.py's loader: timm's NaFlex loader of `patch_size` patches (--naflex-loader), else timm's evaluation
-    loader, with TensorFlow preprocessing for --tf-preprocessing; inputs come in the model's `dtype`."""
+    loader, with TensorFlow preprocessing for --tf-preprocessing; inputs come in --model-dtype (the prefetcher
+    casts them; without it, a cast of each batch)."""
     if args.naflex_loader:
-        loader = create_naflex_eval_loader(
-            args, dataset, data_config, device, patch_size, crop_mode=data_config.get('crop_mode'),
-            crop_border_pixels=args.crop_border_pixels, img_dtype=dtype or torch.float32)
+        loader = create_naflex_eval_loader(args, dataset, data_config, device, patch_size,
+                                           crop_mode=data_config.get('crop_mode'),
+                                           crop_border_pixels=args.crop_border_pixels)
     else:
         if args.tf_preprocessing:
             _check_tf_preprocessing(dataset)
             dataset.load_bytes = True  # TensorFlow decodes the file's bytes
-        loader = create_eval_loader(args, dataset, data_config, device, img_dtype=dtype or torch.float32,
-                                    tf_preprocessing=args.tf_preprocessing)
-    if dtype is not None and args.no_prefetcher:  # the prefetcher casts; without it the batches are float32
-        loader = MapBatches(loader, _cast_batch(dtype))
+        loader = create_eval_loader(args, dataset, data_config, device, tf_preprocessing=args.tf_preprocessing)
+    if args.model_dtype and args.no_prefetcher:
+        loader = MapBatches(loader, _cast_batch(getattr(torch, args.model_dtype)))
     return loader
 
 

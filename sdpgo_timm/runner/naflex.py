@@ -85,6 +85,7 @@ def _common_kwargs(args: argparse.Namespace, data_config: dict, device: torch.de
     return dict(
         mean=data_config['mean'], std=data_config['std'], channels=data_config['input_size'][0],
         pin_memory=args.pin_mem, device=device, distributed=getattr(args, 'distributed', False),
+        img_dtype=getattr(torch, args.model_dtype or 'float32'),
         use_prefetcher=not args.no_prefetcher,
         # validate.py has no --naflex-patchify-channels-first (timm's neither): channels last, timm's default
         patchify_channels_last=not getattr(args, 'naflex_patchify_channels_first', False))

@@ -89,12 +89,8 @@ def import_device_modules(modules: Optional[List[str]]) -> None:
 
 
 def resolve_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    """timm's --model-dtype as a torch dtype (None: float32), warning for float16 as timm does."""
-    if not args.model_dtype:
-        return None
-    if args.model_dtype == 'float16':
-        _logger.warning('float16 is not recommended for training, for half precision bfloat16 is recommended.')
-    return getattr(torch, args.model_dtype)
+    """timm's --model-dtype as a torch dtype (None: float32, the model's own)."""
+    return getattr(torch, args.model_dtype) if args.model_dtype else None
 
 
 def _warn_drop_connect(args: argparse.Namespace) -> None:
