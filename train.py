@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 from timm.data import resolve_data_config
+from timm.layers import convert_sync_batchnorm
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -82,7 +83,10 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # timm's conversion keeps its norm+act layers' activation (torch's would drop it); the statistics are then
+        # synchronized every step, so --dist-bn has nothing left to do, as in timm
+        model = convert_sync_batchnorm(model)
+        args.dist_bn = ''
     if args.torchscript:
         model = torch.jit.script(model)
 
