@@ -14,8 +14,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
-from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.task import ClassificationTask, TrainingTask
+from timm.loss import BinaryCrossEntropy
+from timm.task import ClassificationTask, TrainingTask, create_classification_loss
 
 from ..skd import create_skd_task
 from .errors import ConfigError
@@ -113,18 +113,12 @@ def create_train_task(
     # timm's train.py uses BCE only where targets are soft (Mixup/CutMix) or smoothed
     bce = args.bce_loss and (mixup or args.smoothing)
     bce_options = dict(target_threshold=args.bce_target_thresh, pos_weight=args.bce_pos_weight)
-    if method is None:
-        if args.jsd_loss:
-            criterion = JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
-        elif bce:
-            criterion = BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, sum_classes=args.bce_sum,
-                                           **bce_options)
-        elif mixup:
-            criterion = SoftTargetCrossEntropy()
-        elif args.smoothing:
-            criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-        else:
-            criterion = nn.CrossEntropyLoss()
+    if method is None:  # timm's loss factory, making the choice timm's train.py makes
+        bce_args = dict(pos_weight=args.bce_pos_weight, bce_target_thresh=args.bce_target_thresh,
+                        bce_sum=args.bce_sum) if bce else {}
+        criterion = create_classification_loss(
+            'jsd' if args.jsd_loss else 'bce' if bce else 'ce', smoothing=args.smoothing, soft_targets=mixup,
+            jsd_splits=args.aug_splits, **bce_args)
         if args.kd_model_name:  # timm's teacher distillation, with the criterion of a plain run
             return create_teacher_task(args, model, criterion, device)
         return ClassificationTask(model, criterion=criterion, device=device)
