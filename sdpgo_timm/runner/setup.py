@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 import timm
 from timm.data import create_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
-from timm.models import resolve_model_input_args, split_model_name_tag
+from timm.models import parse_model_name, resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device, set_jit_fuser
 
@@ -114,6 +114,14 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
                           f"data; leave it out or pass --num-classes {declared}")
 
 
+def check_model_name(name: str, what: str) -> None:
+    """A ValueError for a model name timm does not know (a Hub model, `hf-hub:...`, passes), listing close
+    matches; `what` names it in the message ('model', 'teacher --kd-model-name')."""
+    if parse_model_name(name)[0] != 'hf-hub' and not timm.is_model(name.split('.')[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"unknown {what} {name!r}; similar timm models: {close}")
+
+
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
     """timm.create_model from the model flags (BatchNorm split per augmentation split with --split-bn); an unknown
     name lists close matches."""
@@ -130,9 +138,7 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
             kwargs[key] = value
     if getattr(args, 'pretrained_path', None):
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    if not timm.is_model(args.model.split('.')[0]) and not args.model.startswith('hf-hub:'):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown model {args.model!r}; similar timm models: {close}")
+    check_model_name(args.model, 'model')
     if args.pretrained and not getattr(args, 'pretrained_path', None):
         try:
             ensure_cached(args.model)

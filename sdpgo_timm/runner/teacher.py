@@ -15,13 +15,13 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-import timm
 from timm.models import get_pretrained_cfg, parse_model_name
-from timm.task import TrainingTask
+from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
 
 from ..hub.pretrained import ensure_cached
 from ..protocol import SelfDistillationTask
 from .errors import one_line
+from .setup import check_model_name
 
 
 def check_teacher_args(args: argparse.Namespace, method: Optional[str]) -> None:
@@ -39,10 +39,8 @@ def check_teacher_args(args: argparse.Namespace, method: Optional[str]) -> None:
 def check_teacher_weights(name: str, checkpoint: Optional[str]) -> None:
     """A ValueError unless the teacher's weights are on this machine: the --kd-checkpoint file, else timm's
     pretrained weights of `name` in the Hugging Face (or torch hub) cache."""
+    check_model_name(name, 'teacher --kd-model-name')
     source, _ = parse_model_name(name)
-    if source != 'hf-hub' and not timm.is_model(name.split('.')[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown teacher --kd-model-name {name!r}; similar timm models: {close}")
     if checkpoint:
         if source == 'hf-hub':  # timm loads a Hub model's own weights before any file
             raise ValueError(f"--kd-checkpoint needs the teacher's timm architecture in --kd-model-name, not the Hub "
@@ -79,9 +77,6 @@ def create_teacher_task(
     local (`check_teacher_weights`). The task's `loss_parts` name the two terms of its output for the training
     log and summary.csv.
     """
-    # imported here: timm's teacher tasks take a teacher by name and `teacher_pretrained_path` only in recent timm
-    # releases (1.0.31 checked), which a run without a teacher does not need
-    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
     name, checkpoint = args.kd_model_name, args.kd_checkpoint
     check_teacher_weights(name, checkpoint)
     common = dict(
