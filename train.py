@@ -113,7 +113,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     loader_train = create_train_loader(args, dataset_train, data_config, device, feed, collate_fn=mixup_collate,
                                        model=model)
     if args.recovery_interval and not loader_train.resumable:
-        raise ValueError('--recovery-interval needs an indexable dataset: a streaming one cannot resume mid-epoch')
+        raise ValueError(f"--recovery-interval: {loader_train.not_resumable}; drop it (epoch checkpoints still "
+                         "resume)")
     loader_eval = create_eval_loader(args, dataset_eval, data_config, device, model=model) if dataset_eval else None
 
     resume_path = resolve_resume(args)

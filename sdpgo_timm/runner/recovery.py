@@ -138,10 +138,14 @@ class ResumableLoader:
                 self.batch_sampler = sampler
             else:
                 self.not_resumable = f'torch {torch.__version__} cannot resume mid-epoch'
-        self.resumable = self.batch_sampler is not None
         self.consumed = 0
         self.epoch_rng: Optional[RngState] = None  # the RNG states as this epoch began: its order was drawn from them
         self._start: Tuple[int, List[RngState], Optional[RngState]] = (0, [], None)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether an epoch can stop and continue mid-way (else `not_resumable` says why)."""
+        return self.batch_sampler is not None
 
     def __iter__(self) -> Iterator[Any]:
         step, rng_states, epoch_rng = self._start
