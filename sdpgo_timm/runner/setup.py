@@ -198,7 +198,7 @@ def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: 
         crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         crop_border_pixels=getattr(args, 'crop_border_pixels', None), pin_memory=getattr(args, 'pin_mem', False),
         device=device, use_prefetcher=not getattr(args, 'no_prefetcher', False),
-        **{'img_dtype': getattr(torch, getattr(args, 'model_dtype', None) or 'float32'), **kwargs})
+        img_dtype=getattr(torch, args.model_dtype or 'float32'), **kwargs)
 
 
 def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
