@@ -23,6 +23,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
 from sdpgo_timm.data.factory import check_training_classes, create_split_dataset, dataset_classes
+from sdpgo_timm.data.noise import noisy_label_mask, weight_noise_metrics
 from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
@@ -93,6 +94,9 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     method = skd_method(args)
     feed = resolve_feed(args, dataset_train)
     task = create_train_task(args, model, feed, device, num_samples=len(dataset_train))
+    # under --label-noise the run knows which labels it flipped: SDPGO's α per sample is scored against them
+    noisy = noisy_label_mask(dataset_train)
+    alpha_vs_noise = noisy is not None and isinstance(task, SelfDistillationTask) and task.log_sample_weights()
     amp_autocast, amp_dtype = create_autocast(args, device)
     # as timm: a loss scaler for float16 on CUDA only (bfloat16 needs none)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 and device.type == 'cuda' else None
@@ -201,6 +205,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         meter = None
         num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0
+        if alpha_vs_noise:  # this process's samples (a share of the epoch under DDP)
+            train_metrics.update(weight_noise_metrics(*task.sample_weights(), noisy))
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 

@@ -64,6 +64,7 @@ DATASETS = {
     'fashion-mnist': dict(model='test_resnet', img_size=None, epochs=3, stem='fashion_mnist'),
 }
 Condition = Tuple[float, float]  # (eta, fraction)
+ALPHA_COLUMNS = ('alpha_flipped', 'alpha_clean', 'alpha_auc')  # summary.csv's train_<column> under --label-noise
 
 
 def experiment_name(method: str, condition: Condition, seed: int, args: argparse.Namespace) -> str:
@@ -132,7 +133,14 @@ def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace
         raise RuntimeError(f"train.py {' '.join(argv)} exited with {status}")
     with open(os.path.join(out_dir, experiment, 'summary.csv')) as f:
         rows = list(csv.DictReader(f))
-    return dict(top1=float(rows[-1]['eval_top1']), steps=sum(int(float(r['train_steps'])) for r in rows))
+    eval_losses = [float(r['eval_loss']) for r in rows]
+    # every epoch takes the same number of steps; summary.csv has a row for the evaluated ones (--val-interval)
+    steps = int(float(rows[-1]['train_steps'])) * args.epochs * spec['epochs']
+    result = dict(top1=float(rows[-1]['eval_top1']), steps=steps, train_loss=float(rows[-1]['train_loss']),
+                  eval_loss=eval_losses[-1], eval_loss_min=min(eval_losses))
+    # SDPGO under label noise: PWA's α of flipped and clean samples at the last epoch, and its ROC AUC
+    result.update({k: float(rows[-1][f'train_{k}']) for k in ALPHA_COLUMNS if rows[-1].get(f'train_{k}')})
+    return result
 
 
 class _Serial(Executor):
@@ -297,7 +305,8 @@ def main(argv=None) -> int:
             results[method][(eta, fraction)].append(r['top1'])
             rows.append(dict(method=method, noise=args.noise, eta=eta, fraction=fraction, seed=seed, **r))
             print(f"{method:6s} eta={eta:<4g} fraction={fraction:<4g} seed={seed} top1={r['top1']:.2f} "
-                  f"steps={r['steps']}", flush=True)
+                  f"steps={r['steps']} train_loss={r['train_loss']:.4f} eval_loss={r['eval_loss']:.4f} "
+                  f"(min {r['eval_loss_min']:.4f})", flush=True)
 
     for path in (args.out_md, args.out_csv, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
