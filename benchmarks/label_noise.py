@@ -35,10 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -125,29 +125,41 @@ def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespa
 
 def run_all(runs: List[Tuple[str, Condition, int]], args: argparse.Namespace, out_dir: str,
             pool: Executor, done: Dict[Tuple[str, Condition, int], Dict]) -> Dict[Tuple[str, Condition, int], Future]:
-    """Submit every run not `done` (those hold their results); one whose teacher method is in the study (KD beside CE)
-    is submitted once the teacher's run of its condition and seed is done, and distils from it instead of training
-    the same teacher again (when its checkpoint is still in `out_dir`)."""
+    """Submit every run not `done` (those hold their results) and return at once; one whose teacher method is in the
+    study (KD beside CE) is submitted when the teacher's run of its condition and seed ends, and distils from it
+    instead of training the same teacher again (when its checkpoint is still in `out_dir`)."""
     futures: Dict[Tuple[str, Condition, int], Future] = {}
     for run, result in done.items():
         futures[run] = Future()
         futures[run].set_result(result)
-    waiting = []
+    taught = [run for run in runs if run not in done and METHODS[run[0]].get('teacher') in args.methods]
     for run in runs:
-        if run in done:
-            continue
-        if METHODS[run[0]].get('teacher') in args.methods:
-            waiting.append(run)
-        else:
+        if run not in done and run not in taught:
             futures[run] = pool.submit(run_one, *run, args, out_dir)
-    while waiting:
-        teachers = {run: futures[(METHODS[run[0]]['teacher'], *run[1:])] for run in waiting}
-        wait(list(teachers.values()), return_when=FIRST_COMPLETED)
-        for run, teacher in teachers.items():
-            if teacher.done():
-                futures[run] = pool.submit(run_one, *run, args, out_dir, teacher.result()['top1'])
-                waiting.remove(run)
+    for run in taught:
+        teacher = futures[(METHODS[run[0]]['teacher'], *run[1:])]
+        futures[run] = _then(teacher, lambda result, run=run: pool.submit(run_one, *run, args, out_dir, result['top1']))
     return futures
+
+
+def _then(first: Future, submit: Callable[[Dict], Future]) -> Future:
+    """A future of the future that `submit(result of first)` returns, started when `first` ends."""
+    out: Future = Future()
+
+    def finish(second: Future) -> None:
+        if second.exception() is not None:
+            out.set_exception(second.exception())
+        else:
+            out.set_result(second.result())
+
+    def start(done: Future) -> None:
+        try:
+            submit(done.result()).add_done_callback(finish)
+        except BaseException as e:  # the teacher's run failed, or the pool is shut down: the run fails with it
+            out.set_exception(e)
+
+    first.add_done_callback(start)
+    return out
 
 
 def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str, experiment: str,
