@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SDPGO's own choices in the memorisation regime (issue 22, parts 3 and 5): each variant is a label_noise.py study of
-# SDPGO on the validation split, 3 seeds; one table per variant under benchmarks/results/ablations/memorize_<name>.*.
+# SDPGO on the validation split, 3 seeds; one table per variant under benchmarks/results/ablations/fmnist_memorize_<name>.* (--resume: a stopped variant keeps its finished runs).
 # A name ending in _asym runs under class-flip noise η = 0.4 (with CE beside its default), the others on clean
 # labels (with DLB beside the default). Usage: bash benchmarks/ablate_memorize.sh [NAME ...]
 set -euo pipefail
@@ -23,7 +23,7 @@ for name in "${@:-${ORDER[@]}}"; do
     if [[ $name == *_asym ]]; then condition=asym0.4; beside=CE; else condition=clean; beside=DLB; fi
     methods=SDPGO; [[ $variant == default ]] && methods="SDPGO $beside"
     python benchmarks/label_noise.py --preset memorize --methods $methods --conditions $condition --eval-split validation \
-        --jobs 2 --threads 1 --extra "${VARIANTS[$variant]}" \
-        --out-md "benchmarks/results/ablations/memorize_$name.md" --out-csv "benchmarks/results/ablations/memorize_$name.csv" \
-        --out-png "benchmarks/results/ablations/memorize_$name.png"
+        --jobs 2 --threads 1 --resume --extra "${VARIANTS[$variant]}" \
+        --out-md "benchmarks/results/ablations/fmnist_memorize_$name.md" --out-csv "benchmarks/results/ablations/fmnist_memorize_$name.csv" \
+        --out-png "benchmarks/results/ablations/fmnist_memorize_$name.png"
 done

@@ -11,12 +11,14 @@ over seeds), as a Markdown table and a plot with error bars (matplotlib, optiona
 import argparse
 import csv
 import os
-import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from label_noise import run_name_parts  # noqa: E402
 
 COLUMNS = ('train_alpha_flipped', 'train_alpha_clean', 'train_alpha_auc')
 
@@ -25,8 +27,7 @@ def read_runs(runs: List[str]) -> Dict[str, Dict[int, List[Dict[str, float]]]]:
     """condition -> epoch -> one {column: value} per seed, from each run's summary.csv."""
     by_condition: Dict[str, Dict[int, List[Dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        name = os.path.basename(os.path.normpath(run))
-        condition = re.sub(r'-s\d+$', '', name.split('-', 1)[-1])
+        _, condition, _ = run_name_parts(os.path.basename(os.path.normpath(run)))
         with open(os.path.join(run, 'summary.csv'), newline='') as f:
             rows = list(csv.DictReader(f))
         if not rows or COLUMNS[-1] not in rows[0]:

@@ -4,7 +4,7 @@
 Reads run folders of train.py (their `args.yaml` and `last.pth.tar`, e.g. those a `label_noise.py --runs-dir DIR`
 study keeps), scores each last-epoch model on a clean split (`--split validation` by default: the analysis must
 not pick settings on the test split) and writes, per method (the run folder's name up to its first '-', over
-its seeds): each class's recall, and for the classes that class-flip noise pairs (FLIP_MAP) the share of the
+its seeds; `label_noise.py`'s run names): each class's recall, and for the classes that class-flip noise pairs (FLIP_MAP) the share of the
 class's images predicted as its partner. A loss confined to the flipped pairs shows as lower recall there and a
 partner share that grows by what the recall loses.
 
@@ -25,6 +25,8 @@ from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+from label_noise import run_name_parts  # noqa: E402
 from sdpgo_timm.data.fashion_mnist import CLASSES, FLIP_MAP, FashionMNISTDataset  # noqa: E402
 
 
@@ -73,14 +75,14 @@ def report(matrices: Dict[str, List[torch.Tensor]], split: str, argv: List[str])
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('runs', nargs='+', help='train.py run folders (method = folder name up to its first "-")')
+    parser.add_argument('runs', nargs='+', help="train.py run folders, named as label_noise.py names them (METHOD-CONDITION-sSEED)")
     parser.add_argument('--split', default='validation', choices=('validation', 'test'))
     parser.add_argument('--out-md', default=None, help='write the report here too')
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     matrices: Dict[str, List[torch.Tensor]] = defaultdict(list)
     for run in args.runs:
-        matrices[os.path.basename(os.path.normpath(run)).split('-')[0]].append(confusion(run, args.split))
+        matrices[run_name_parts(os.path.basename(os.path.normpath(run)))[0]].append(confusion(run, args.split))
     text = report(matrices, args.split, argv)
     if args.out_md:
         Path(args.out_md).write_text(text)

@@ -30,6 +30,7 @@ import argparse
 import csv
 import multiprocessing
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -83,6 +84,13 @@ def experiment_name(method: str, condition: Condition, seed: int) -> str:
     """The run folder of a method's run of a condition and seed."""
     noise, eta, fraction = condition
     return f"{method}-{noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+
+
+def run_name_parts(name: str) -> Tuple[str, str, str]:
+    """(method, condition, seed) of a run folder named by `experiment_name` (e.g. PS-KD-asym0.4-f0.02-s1 ->
+    PS-KD, asym0.4-f0.02, 1); another name is a method of its own, with no condition or seed."""
+    match = re.fullmatch(r'(.+)-((?:a?sym)[0-9.]+-f[0-9.]+)-s(\d+)', name)
+    return match.groups() if match else (name, '', '')
 
 
 def parse_condition(text: str, fractions: Sequence[float]) -> List[Condition]:
@@ -220,7 +228,7 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
 def condition_label(condition: Condition) -> str:
     noise, eta, fraction = condition
     label = f"{noise} η = {eta:g}" if eta else 'clean'
-    return label if fraction == 1 else f"{fraction:.0%} data, {label}"
+    return label if fraction == 1 else f"{100 * fraction:g}% data, {label}"
 
 
 def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[Condition], path: str,

@@ -56,3 +56,10 @@ def test_confusion_report_reads_recall_and_flip_partner_share():
     assert '| T-shirt/top → Shirt | 0.0 | 40.0 |' in text
     assert '| **all** | 100.0 | 96.0 |' in text
     assert '| Trouser | 100.0 | 100.0 |' in text
+
+
+def test_run_names_split_back_into_method_condition_and_seed():
+    bench = _load('label_noise')
+    name = bench.experiment_name('PS-KD', ('asym', 0.4, 0.02), 1)
+    assert bench.run_name_parts(name) == ('PS-KD', 'asym0.4-f0.02', '1')
+    assert bench.run_name_parts('my-run') == ('my-run', '', '')
