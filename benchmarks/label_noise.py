@@ -264,8 +264,9 @@ def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[
 
 
 def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequence[Condition],
-                 results: Dict[str, Dict[Condition, List[float]]], rows: List[Dict], wall: float) -> str:
-    """The Markdown report: the command, the setting, mean ± std per method and condition, and per-seed numbers."""
+                 results: Dict[str, Dict[Condition, List[float]]], rows: List[Dict], wall: float, kept: int = 0) -> str:
+    """The Markdown report: the command, the setting, mean ± std per method and condition, and per-seed numbers;
+    `kept` of the rows come from an earlier invocation (--resume), not timed by `wall`."""
     steps = {m: next(r['steps'] for r in rows if r['method'] == m) for m in args.methods}
     labels = [condition_label(c) for c in conditions]
     lines = [
@@ -278,7 +279,9 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
         f"seeds {args.seeds}, torch {torch.__version__}; replay methods at --batch-size {args.batch_size}, the others "
         f"at {args.batch_size // 2}; optimizer steps per run at the first condition: "
         + ', '.join(f"{m} {s}" for m, s in steps.items()) + '. '
-        f"{args.jobs} run(s) at a time, {args.threads or 'default'} torch thread(s) each; wall time {wall:.0f} s.",
+        f"{args.jobs} run(s) at a time, {args.threads or 'default'} torch thread(s) each; wall time {wall:.0f} s"
+        + (f" for the {len(rows) - kept} runs this invocation made ({kept} kept from --out-csv by --resume)."
+           if kept else '.'),
         '',
     ]
     if 'KD' in args.methods:
@@ -448,7 +451,8 @@ def main(argv=None) -> int:
                   f"steps={r['steps']} train_loss={r['train_loss']:.4f} eval_loss={r['eval_loss']:.4f} "
                   f"(min {r['eval_loss_min']:.4f})", flush=True)
 
-    table = write_tables(args, argv, conditions, results, rows, time.time() - start)
+    table = write_tables(args, argv, conditions, results, rows, time.time() - start,
+                         kept=sum(run in done for run in runs))
     Path(args.out_md).write_text(table)
     title = f"{args.dataset}, {args.model}, {args.epochs} epochs {args.extra}: last-epoch {args.eval_split} top-1"
     if not plot(results, conditions, args.out_png, title):

@@ -138,3 +138,4 @@ def test_conditions_preset_and_resume_keep_finished_runs(tmp_path, monkeypatch):
     assert trained == [bench.experiment_name(rows[3]['method'], ('asym', 0.4, 1.0), 0)]
     resumed = list(csv.DictReader(open(out['csv'])))
     assert [r['top1'] for r in resumed[:3]] == [r['top1'] for r in rows[:3]] and len(resumed) == 4
+    assert 'for the 1 runs this invocation made (3 kept from --out-csv by --resume)' in Path(out['md']).read_text()
