@@ -198,10 +198,9 @@ class ReplayLoader:
     from after the last batch received (a finished epoch reads as the start of the next).
     """
 
-    def __init__(self, loader: Union[DataLoader, PrefetchLoader], sampler: ReplayBatchSampler, dataset: Dataset):
+    def __init__(self, loader: Union[DataLoader, PrefetchLoader], sampler: ReplayBatchSampler):
         self.loader = loader
         self.sampler = sampler
-        self.dataset = dataset
         self._position = sampler.state_dict()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -343,7 +342,7 @@ def create_replay_loader(
             re_count=re_count,
             re_num_splits=2 if re_split else 0,  # as timm's create_loader: the first half (replay) is not erased
         )
-    return ReplayLoader(loader, sampler, dataset)
+    return ReplayLoader(loader, sampler)
 
 
 class IndexedLoader:

@@ -23,10 +23,10 @@ from ..skd import SKD_NAMES
 from ..task import ALPHA_MODES, REPLAY_MODES
 from .errors import ConfigError
 
-# timm.utils.set_jit_fuser's fusers ('': torch's default) and the dtypes timm's --model-dtype takes
+# timm.utils.set_jit_fuser's fusers ('': torch's default; legacy, nvf: aliases) and the dtypes timm's
+# --model-dtype takes
 JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')
 MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
-
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -659,8 +659,6 @@ EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), 
              ('split_bn', 'aug_splits'))  # a --split-bn model holds aux BatchNorm layers (unused in evaluation)
 RESULTS_FORMATS = ('csv', 'json')
 EVAL_METRICS = ('top1', 'top5', 'loss')  # what evaluation reports (--eval-metric)
-MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
-JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')  # timm's set_jit_fuser names (legacy, nvf: aliases)
 
 
 def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
