@@ -25,7 +25,7 @@ from timm.task import TrainingTask
 from timm.utils import init_distributed_device, set_jit_fuser
 
 from ..data.factory import dataset_num_classes
-from ..hub.pretrained import ensure_cached
+from ..pretrained import ensure_cached
 from ..protocol import SelfDistillationTask
 from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg, parse_model_name
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
 
-from ..hub.pretrained import ensure_cached
+from ..pretrained import ensure_cached
 from ..protocol import SelfDistillationTask
 from .errors import one_line
 from .setup import check_model_name

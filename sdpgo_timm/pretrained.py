@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model, parse_model_name
 
-from ..compat import add_pretrained_tag
+from .compat import add_pretrained_tag
 
 __all__ = ['register_pretrained', 'register_manifest', 'register_builtin', 'ensure_cached']
 
