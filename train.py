@@ -27,8 +27,9 @@ from sdpgo_timm.protocol import SelfDistillationTask
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.batches import batch_loss_scale
+from sdpgo_timm.methods import get_method
 from sdpgo_timm.runner.builders import (
-    check_aug_splits, create_mixup, create_train_loader, create_train_task, resolve_feed, skd_method)
+    check_aug_splits, create_mixup, create_train_loader, create_train_task, optimizer_module, resolve_feed)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
@@ -37,7 +38,6 @@ from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
-from sdpgo_timm.runner.teacher import optimizer_module
 from sdpgo_timm.runner.setup import (
     check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
     gather_rank_states, init_device, resolve_lr, resolve_model_dtype, setup_script_logging)
@@ -90,7 +90,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     if args.torchscript:
         model = torch.jit.script(model)
 
-    method = skd_method(args)
+    method = get_method(args.method)
     feed = resolve_feed(args, dataset_train)
     task = create_train_task(args, model, feed, device, num_samples=len(dataset_train))
     amp_autocast, amp_dtype = create_autocast(args, device)
@@ -147,7 +147,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         # timm's name (time, model, image size), then the self-distillation method if any
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1]),
-            *([method] if method else [])])
+            *([method.name] if method.self_distillation else [])])
         output_dir = os.path.join(args.output or './output/train', exp_name)
         in_place = bool(resume_path) and os.path.isdir(output_dir) and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), output_dir)
@@ -159,7 +159,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             task=task, classes=dataset_classes(dataset_train))
         if in_place:
             resume_in_place(saver, resume_path, output_dir, point)
-        _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
+        _logger.info(f"Training {args.model} ({method.name if method.self_distillation else method.summary}) for "
+                     f"{num_epochs} epochs, "
                      f"{len(loader_train)} steps per epoch, output {output_dir}")
         explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
                    if args.warmup_prefix else

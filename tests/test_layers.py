@@ -1,5 +1,5 @@
-"""The package's layers (docs/ARCHITECTURE.md): the method core stands alone, and the runner never reaches up
-into hub/ (which builds on the runner)."""
+"""The package's layers (docs/ARCHITECTURE.md): the method core stands alone, the method declarations
+(methods/) sit below the runner, and the runner never reaches up into hub/ (which builds on the runner)."""
 import ast
 import subprocess
 import sys
@@ -31,8 +31,8 @@ def _files(*names: str):
         yield from sorted(folder.glob('*.py')) if folder.is_dir() else [PACKAGE / f'{name}.py']
 
 
-@pytest.mark.parametrize('path', list(_files(*CORE)), ids=lambda p: p.name)
-def test_the_method_core_imports_neither_the_runner_nor_hub(path):
+@pytest.mark.parametrize('path', list(_files(*CORE, 'methods')), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_method_core_and_declarations_import_neither_the_runner_nor_hub(path):
     above = {m for m in _imported_modules(path) if m.startswith(('sdpgo_timm.runner', 'sdpgo_timm.hub'))}
     assert not above, f"{path.name} imports {sorted(above)}"
 

@@ -157,7 +157,7 @@ class _Stream(IterableDataset):
 
 
 def test_views_replay_needs_an_indexable_dataset(tmp_path, monkeypatch, error_lines):
-    args = type('Args', (), {'sdpgo_replay': 'views', 'sdpgo': True, 'skd': None})()
+    args = type('Args', (), {'sdpgo_replay': 'views', 'method': 'sdpgo'})()
     with pytest.raises(ValueError, match='--sdpgo-replay tensors'):
         resolve_feed(args, _Stream())
     args.sdpgo_replay = 'auto'

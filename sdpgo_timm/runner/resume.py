@@ -16,6 +16,7 @@ import torch.distributed as dist
 from timm.models import clean_state_dict
 from timm.task import TrainingTask
 
+from ..methods import recorded_method
 from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, POSITION, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, SUMMARY_ROW, TrainCheckpointSaver,
     find_resume_checkpoint, load_checkpoint_file, restore_summary_row, resume_position, truncate_summary)
@@ -31,9 +32,8 @@ def _training_shape_change(saved: Any, args: argparse.Namespace) -> str:
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
     if not saved:
         return ''
-    method = lambda a: 'sdpgo' if a.get('sdpgo') else a.get('skd')  # noqa: E731
     changes = []
-    before, now = method(saved) or 'cross-entropy', method(vars(args)) or 'cross-entropy'
+    before, now = recorded_method(saved) or 'cross-entropy', recorded_method(vars(args)) or 'cross-entropy'
     if before != now:
         changes.append(f"another method ({before}, now {now})")
     for key, flag in (('batch_size', '--batch-size'), ('world_size', 'processes')):

@@ -20,12 +20,12 @@ from torch.utils.data import Dataset
 import timm
 from timm.data import create_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
-from timm.models import parse_model_name, resolve_model_input_args, split_model_name_tag
+from timm.models import resolve_model_input_args, split_model_name_tag
 from timm.task import TrainingTask
 from timm.utils import init_distributed_device, set_jit_fuser
 
 from ..data.factory import dataset_num_classes
-from ..pretrained import ensure_cached
+from ..pretrained import check_model_name, ensure_cached
 from ..protocol import SelfDistillationTask
 from .checkpoint import (
     MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,
@@ -112,14 +112,6 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
     if declared is not None and args.num_classes < declared:
         raise ConfigError(f"--num-classes {args.num_classes} is fewer than the {declared} classes of the training "
                           f"data; leave it out or pass --num-classes {declared}")
-
-
-def check_model_name(name: str, what: str) -> None:
-    """A ValueError for a model name timm does not know (a Hub model, `hf-hub:...`, passes), listing close
-    matches; `what` names it in the message ('model', 'teacher --kd-model-name')."""
-    if parse_model_name(name)[0] != 'hf-hub' and not timm.is_model(name.split('.')[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown {what} {name!r}; similar timm models: {close}")
 
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
