@@ -31,7 +31,7 @@ from sdpgo_timm.methods import get_method
 from sdpgo_timm.runner.builders import (
     check_aug_splits, create_mixup, create_train_loader, create_train_task, optimizer_module, resolve_feed)
 from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
-from sdpgo_timm.runner.engine import train_one_epoch, validate
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
 from sdpgo_timm.runner.naflex import check_naflex_args
 from sdpgo_timm.runner.preemption import PreemptionSignal
@@ -180,6 +180,12 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
                         "Run the same command (with --resume auto) to start again.")
     recovery = RecoveryCheckpoints(interval=args.recovery_interval, loader=loader_train, preemption=preemption,
                                    collect=collect, saver=saver, skipped=skipped)
+    loop_options = LoopOptions(
+        device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, grad_accum_steps=args.grad_accum_steps,
+        clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
+        world_size=args.world_size, log_interval=args.log_interval, log_enabled=primary,
+        synchronize_step=args.synchronize_step, input_dtype=model_dtype, batch_loss_scale=batch_loss_scale(args),
+        save_images_dir=output_dir if args.save_images else None)
     if point.rng is not None:  # a resumed run draws what the stopped one would have (no per-epoch reseed, as timm)
         set_rng_state(point.rng)
     for epoch in range(point.epoch, num_epochs):
@@ -192,13 +198,8 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             task.set_epoch(epoch)
 
         train_metrics = train_one_epoch(
-            epoch, task, loader_train, optimizer, device=device,
-            lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
-            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-            channels_last=args.channels_last, num_updates=num_updates, world_size=args.world_size,
-            log_interval=args.log_interval, log_enabled=primary, meter=meter, on_step=partial(recovery, epoch),
-            synchronize_step=args.synchronize_step, input_dtype=model_dtype, batch_loss_scale=batch_loss_scale(args),
-            save_images_dir=output_dir if args.save_images else None)
+            epoch, task, loader_train, optimizer, loop_options, lr_scheduler=lr_scheduler, mixup_fn=mixup_fn,
+            num_updates=num_updates, meter=meter, on_step=partial(recovery, epoch))
         meter = None
         num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = skipped.pop_count(args.distributed) if skipped is not None else 0

@@ -23,7 +23,7 @@ from sdpgo_timm.runner import setup
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.batches import batch_loss_scale, policy_batch_size
 from sdpgo_timm.runner.builders import create_train_loader
-from sdpgo_timm.runner.engine import train_one_epoch, validate
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch, validate
 from sdpgo_timm.runner.errors import ConfigError
 from sdpgo_timm.runner.recovery import inner_data_loader
 from conftest import FAST, run_train, summary
@@ -159,7 +159,7 @@ def test_variable_batch_loss_scale_weighs_each_batch_gradient():
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
         train_one_epoch(0, ClassificationTask(trained, nn.CrossEntropyLoss(), verbose=False), batches, optimizer,
-                        device=CPU, batch_loss_scale=scale, log_enabled=False)
+                        LoopOptions(device=CPU, batch_loss_scale=scale, log_enabled=False))
         return torch.cat([(a - b).flatten() for a, b in zip(trained.parameters(), model.parameters())])
 
     torch.testing.assert_close(update(lambda input: len(input) / 3), 2 * update(None))
