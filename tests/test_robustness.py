@@ -138,13 +138,13 @@ def test_preemption_signal_is_recorded_while_active_and_handlers_restored():
 
 
 def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(tmp_path, monkeypatch, error_lines):
-    import train
-    real_validate = train.validate
+    from sdpgo_timm.runner import session
+    real_validate = session.validate
 
     def validate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_validate(*args, **kwargs)
-    monkeypatch.setattr(train, 'validate', validate)
+    monkeypatch.setattr(session, 'validate', validate)
     assert run_train(['digits', *FAST, '-b', '128', '--epochs', '2', '--output', str(tmp_path),
                       '--experiment', 'run']) == 4
     assert 'preempted by SIGTERM at the end of epoch 0; its checkpoint is saved' in error_lines()[-1]
@@ -626,13 +626,13 @@ def test_ctrl_c_saves_a_recovery_checkpoint_like_sigterm_and_a_second_one_stops_
 
 
 def test_sigterm_during_start_up_exits_4_with_one_line(tmp_path, monkeypatch, error_lines):
-    import train
-    real_create = train.create_train_loader
+    from sdpgo_timm.runner import session
+    real_create = session.create_train_loader
 
     def create(*args, **kwargs):  # the signal arrives while the loaders are being built
         os.kill(os.getpid(), signal.SIGTERM)
         return real_create(*args, **kwargs)
-    monkeypatch.setattr(train, 'create_train_loader', create)
+    monkeypatch.setattr(session, 'create_train_loader', create)
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'early']) == 4
     assert error_lines()[-1].startswith('preempted by SIGTERM during start-up, before the first step: nothing to save')
     assert not list((tmp_path / 'early').glob('*.pth.tar'))

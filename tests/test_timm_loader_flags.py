@@ -195,10 +195,10 @@ def test_model_dtype_bfloat16_trains_a_bfloat16_model(tmp_path, prefetcher):
 
 
 def test_torchscript_trains_a_scripted_model(tmp_path, monkeypatch):
-    import train
+    from sdpgo_timm.runner import session
     models = []
-    real = train.create_train_task
-    monkeypatch.setattr(train, 'create_train_task', lambda args, model, *a, **kw: models.append(model) or real(
+    real = session.create_train_task
+    monkeypatch.setattr(session, 'create_train_task', lambda args, model, *a, **kw: models.append(model) or real(
         args, model, *a, **kw))
     assert run_train(['digits', '--epochs', '1', *FAST, '--torchscript', '--train-batches-per-epoch', '2',
                       '--output', str(tmp_path), '--experiment', 'ts']) == 0
