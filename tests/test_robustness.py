@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from sdpgo_timm import hub
-from sdpgo_timm.runner.checkpoint import (
-    WriteError, append_summary, atomic_save, find_resume_checkpoint, load_checkpoint_file, resume_position)
+from sdpgo_timm.runner.checkpoint import find_resume_checkpoint, load_checkpoint_file, resume_position
+from sdpgo_timm.runner.errors import WriteError
+from sdpgo_timm.runner.rundir import atomic_save
+from sdpgo_timm.runner.summary import append_summary
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.data.replay import ReplayBatchSampler
 from fakehub import fake_hub  # noqa: F401 (fixture)
@@ -233,7 +235,7 @@ def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monke
     def half_copy(source, target):  # the disk fills up while the rows are copied
         target.write(b'1,0.5')
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr('sdpgo_timm.runner.checkpoint.shutil.copyfileobj', half_copy)
+    monkeypatch.setattr('sdpgo_timm.runner.summary.shutil.copyfileobj', half_copy)
     with pytest.raises(WriteError, match='summary.csv'):
         append_summary(1, {'loss': 0.5}, {'top1': 60.0}, str(csv_path), lr=0.1)
     assert hashes(tmp_path) == before

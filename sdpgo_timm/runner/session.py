@@ -41,16 +41,19 @@ from ..protocol import SelfDistillationTask
 from .batches import batch_loss_scale
 from .builders import (
     check_aug_splits, create_mixup, create_train_loader, create_train_task, optimizer_module, resolve_feed)
-from .checkpoint import SUMMARY_ROW, TrainCheckpointSaver, append_summary
+from .checkpoint import (
+    SUMMARY_ROW, ResumePoint, TrainCheckpointSaver, gather_rank_states, resume_training, set_rng_state)
 from .engine import LoopOptions, train_one_epoch, validate
 from .errors import ConfigError, Preempted
 from .naflex import check_naflex_args
 from .preemption import PreemptionSignal
-from .recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
-from .resume import ResumePoint, resolve_resume, resume_in_place, resume_training
+from .recovery import RecoveryCheckpoints, restore_recovery
+from .resume import resolve_resume, resume_in_place
+from .rundir import create_output_dir
 from .setup import (
-    check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
-    gather_rank_states, init_device, resolve_lr, resolve_model_dtype)
+    check_num_classes, create_autocast, create_eval_loader, create_timm_model, init_device, resolve_lr,
+    resolve_model_dtype)
+from .summary import append_summary
 from .tracking import start_wandb
 
 _logger = logging.getLogger('train')
