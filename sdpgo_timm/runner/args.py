@@ -138,6 +138,11 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='batch size (default: 256)')
         group.add_argument('--num-gpu', type=int, default=1, metavar='N',
                            help='number of GPUs to use (> 1: torch.nn.DataParallel, CUDA only)')
+    _add_model_run_args(group, training)
+
+
+def _add_model_run_args(group: argparse._ArgumentGroup, training: bool) -> None:
+    """The model options of how it runs (layout, compilation, dtype, gradients), in the model group."""
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, key=value')
