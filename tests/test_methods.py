@@ -2,7 +2,6 @@
 method added through the registry alone, trained by train.py."""
 import argparse
 import ast
-from pathlib import Path
 
 import pytest
 import torch

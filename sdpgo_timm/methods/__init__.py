@@ -25,7 +25,7 @@ def register_method(method: Method) -> Method:
     return method
 
 
-for _method in (CE, KD, SDPGO, DLB, DLB2, PSKD):
+for _method in (CE, SDPGO, DLB, DLB2, PSKD, KD):
     register_method(_method)
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
 from timm.task import TrainingTask
