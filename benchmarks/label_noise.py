@@ -35,9 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,25 +52,53 @@ METHODS: Dict[str, Dict] = {
     'CE×2': dict(flags=['--smoothing', '0'], replay=False, epochs=2),
     'CE+LS': dict(flags=['--smoothing', '0.1'], replay=False, epochs=1),
     'DLB': dict(flags=['--smoothing', '0', '--skd', 'dlb'], replay=True, epochs=1),
+    'DLB2': dict(flags=['--smoothing', '0', '--skd', 'dlb2'], replay=True, epochs=1),
     'PS-KD': dict(flags=['--smoothing', '0', '--skd', 'pskd'], replay=False, epochs=1),
     'SDPGO': dict(flags=['--smoothing', '0', '--sdpgo'], replay=True, epochs=1),
     'KD': dict(flags=['--smoothing', '0'], replay=False, epochs=1, teacher='CE'),
 }
 DEFAULT_METHODS = ['CE', 'CE+LS', 'DLB', 'PS-KD', 'SDPGO']
-COLORS = {'CE': '#505050', 'CE×2': '#000000', 'CE+LS': '#969696', 'DLB': '#1f77b4', 'PS-KD': '#2ca02c',
-          'SDPGO': '#d62728', 'KD': '#9467bd'}
+COLORS = {'CE': '#505050', 'CE×2': '#000000', 'CE+LS': '#969696', 'DLB': '#1f77b4', 'DLB2': '#17becf',
+          'PS-KD': '#2ca02c', 'SDPGO': '#d62728', 'KD': '#9467bd'}
 # per dataset: defaults of --model, --img-size (None: the recipe's) and --epochs, and the output file stem
 DATASETS = {
     'digits': dict(model='resnet10t', img_size=16, epochs=10, stem='label_noise'),
     'fashion-mnist': dict(model='test_resnet', img_size=None, epochs=3, stem='fashion_mnist'),
 }
-Condition = Tuple[float, float]  # (eta, fraction)
+Condition = Tuple[str, float, float]  # (noise mode, eta, fraction)
+# --preset: a whole study by name; its values are defaults, any option given on the command line wins
+PRESETS = {
+    # the memorisation regime of hparams/fashion-mnist/memorize.yaml (issue 22): every method, clean, symmetric and
+    # class-flip noise at η = 0.4, and a quarter of the regime's share
+    'memorize': dict(dataset='fashion-mnist', model='test_resnet', img_size=None, epochs=60, fractions=[0.02],
+                     conditions=['clean', 'sym0.4', 'asym0.4', 'clean@0.005'],
+                     methods=['CE', 'CE×2', 'CE+LS', 'DLB', 'PS-KD', 'KD', 'SDPGO'],
+                     # evaluated every 10 epochs (and at the last): the test split's 10,000 images cost
+                     extra='-c hparams/fashion-mnist/memorize.yaml --val-interval 10', stem='fashion_mnist_memorize'),
+}
+ALPHA_COLUMNS = ('alpha_flipped', 'alpha_clean', 'alpha_auc')  # summary.csv's train_<column> under --label-noise
 
 
-def experiment_name(method: str, condition: Condition, seed: int, args: argparse.Namespace) -> str:
+def experiment_name(method: str, condition: Condition, seed: int) -> str:
     """The run folder of a method's run of a condition and seed."""
-    eta, fraction = condition
-    return f"{method}-{args.noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+    noise, eta, fraction = condition
+    return f"{method}-{noise}{eta}-f{fraction}-s{seed}".replace('+', 'p').replace('×', 'x')
+
+
+def parse_condition(text: str, fractions: Sequence[float]) -> List[Condition]:
+    """`clean`, `sym0.4` or `asym0.4`, optionally `@F` for a share F of the training split (else each of
+    `fractions`): the conditions it names."""
+    name, _, share = text.partition('@')
+    noise = next((m for m in ('asym', 'sym') if name.startswith(m)), 'sym' if name == 'clean' else None)
+    try:
+        eta = 0.0 if name == 'clean' else float(name[len(noise):]) if noise else None
+        shares = [float(share)] if share else list(fractions)
+    except ValueError:
+        eta = None
+    if eta is None or not 0 <= eta < 1 or any(not 0 < f <= 1 for f in shares):
+        raise ValueError(f"condition {text!r}: expected clean, symETA or asymETA (0 <= ETA < 1), optionally "
+                         f"@FRACTION in (0, 1], e.g. sym0.4 or clean@0.25")
+    return [(noise, eta, f) for f in shares]
 
 
 def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str,
@@ -81,11 +110,11 @@ def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespa
     has it (`teacher_top1` given: its run is done), else one trained here first.
     """
     spec = METHODS[method]
-    experiment = experiment_name(method, condition, seed, args)
+    experiment = experiment_name(method, condition, seed)
     if not spec.get('teacher'):
         return _train(spec, condition, seed, args, out_dir, experiment, spec['flags'])
-    teacher_experiment = experiment_name(spec['teacher'], condition, seed, args)
-    if teacher_top1 is None:
+    teacher_experiment = experiment_name(spec['teacher'], condition, seed)
+    if teacher_top1 is None or not os.path.exists(os.path.join(out_dir, teacher_experiment, 'last.pth.tar')):
         teacher_experiment += '-for-kd'
         teacher_top1 = _train(METHODS[spec['teacher']], condition, seed, args, out_dir, teacher_experiment,
                               METHODS[spec['teacher']]['flags'])['top1']
@@ -95,36 +124,54 @@ def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespa
 
 
 def run_all(runs: List[Tuple[str, Condition, int]], args: argparse.Namespace, out_dir: str,
-            pool: Executor) -> Dict[Tuple[str, Condition, int], Future]:
-    """Submit every run; one whose teacher method is in the study (KD beside CE) is submitted once the teacher's run
-    of its condition and seed is done, and distils from it instead of training the same teacher again."""
+            pool: Executor, done: Dict[Tuple[str, Condition, int], Dict]) -> Dict[Tuple[str, Condition, int], Future]:
+    """Submit every run not `done` (those hold their results) and return at once; one whose teacher method is in the
+    study (KD beside CE) is submitted when the teacher's run of its condition and seed ends, and distils from it
+    instead of training the same teacher again (when its checkpoint is still in `out_dir`)."""
     futures: Dict[Tuple[str, Condition, int], Future] = {}
-    waiting = []
+    for run, result in done.items():
+        futures[run] = Future()
+        futures[run].set_result(result)
+    taught = [run for run in runs if run not in done and METHODS[run[0]].get('teacher') in args.methods]
     for run in runs:
-        if METHODS[run[0]].get('teacher') in args.methods:
-            waiting.append(run)
-        else:
+        if run not in done and run not in taught:
             futures[run] = pool.submit(run_one, *run, args, out_dir)
-    while waiting:
-        teachers = {run: futures[(METHODS[run[0]]['teacher'], *run[1:])] for run in waiting}
-        wait(list(teachers.values()), return_when=FIRST_COMPLETED)
-        for run, teacher in teachers.items():
-            if teacher.done():
-                futures[run] = pool.submit(run_one, *run, args, out_dir, teacher.result()['top1'])
-                waiting.remove(run)
+    for run in taught:
+        teacher = futures[(METHODS[run[0]]['teacher'], *run[1:])]
+        futures[run] = _then(teacher, lambda result, run=run: pool.submit(run_one, *run, args, out_dir, result['top1']))
     return futures
+
+
+def _then(first: Future, submit: Callable[[Dict], Future]) -> Future:
+    """A future of the future that `submit(result of first)` returns, started when `first` ends."""
+    out: Future = Future()
+
+    def finish(second: Future) -> None:
+        if second.exception() is not None:
+            out.set_exception(second.exception())
+        else:
+            out.set_result(second.result())
+
+    def start(done: Future) -> None:
+        try:
+            submit(done.result()).add_done_callback(finish)
+        except BaseException as e:  # the teacher's run failed, or the pool is shut down: the run fails with it
+            out.set_exception(e)
+
+    first.add_done_callback(start)
+    return out
 
 
 def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str, experiment: str,
            flags: List[str]) -> Dict[str, float]:
     """One train.py run of a method `spec` with its `flags` into `out_dir/experiment`: last top-1, steps."""
-    eta, fraction = condition
+    noise, eta, fraction = condition
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
     extra = shlex.split(args.extra)
     size = ['--input-size', '3', str(args.img_size), str(args.img_size)] if args.img_size else []
     argv = [args.dataset, '--model', args.model, '--epochs', str(args.epochs * spec['epochs']),
             '--batch-size', str(batch), '--seed', str(seed), '--label-noise', str(eta),
-            '--label-noise-mode', args.noise, '--train-fraction', str(fraction), '--val-split', args.eval_split,
+            '--label-noise-mode', noise, '--train-fraction', str(fraction), '--val-split', args.eval_split,
             *size, '--workers', '0', '--log-interval', '100000', '--output', out_dir, '--experiment', experiment,
             '--checkpoint-hist', '1', *flags, *extra]
     status = train.main(argv)
@@ -132,7 +179,14 @@ def _train(spec: Dict, condition: Condition, seed: int, args: argparse.Namespace
         raise RuntimeError(f"train.py {' '.join(argv)} exited with {status}")
     with open(os.path.join(out_dir, experiment, 'summary.csv')) as f:
         rows = list(csv.DictReader(f))
-    return dict(top1=float(rows[-1]['eval_top1']), steps=sum(int(float(r['train_steps'])) for r in rows))
+    eval_losses = [float(r['eval_loss']) for r in rows]
+    # every epoch takes the same number of steps; summary.csv has a row for the evaluated ones (--val-interval)
+    steps = int(float(rows[-1]['train_steps'])) * args.epochs * spec['epochs']
+    result = dict(top1=float(rows[-1]['eval_top1']), steps=steps, train_loss=float(rows[-1]['train_loss']),
+                  eval_loss=eval_losses[-1], eval_loss_min=min(eval_losses))
+    # SDPGO under label noise: PWA's α of flipped and clean samples at the last epoch, and its ROC AUC
+    result.update({k: float(rows[-1][f'train_{k}']) for k in ALPHA_COLUMNS if rows[-1].get(f'train_{k}')})
+    return result
 
 
 class _Serial(Executor):
@@ -157,20 +211,20 @@ def _executor(args: argparse.Namespace) -> Executor:
                                initializer=_set_threads, initargs=(args.threads,))
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def condition_label(condition: Condition, noise: str) -> str:
-    eta, fraction = condition
+def condition_label(condition: Condition) -> str:
+    noise, eta, fraction = condition
     label = f"{noise} η = {eta:g}" if eta else 'clean'
     return label if fraction == 1 else f"{fraction:.0%} data, {label}"
 
 
-def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[Condition], noise: str,
-         path: str, title: str) -> bool:
+def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[Condition], path: str,
+         title: str) -> bool:
     """Mean last-epoch top-1 per method and condition, with error bars of one std over seeds.
 
     matplotlib is optional (`pip install -e ".[plot]"`): without it no PNG is written and False is returned.
@@ -190,7 +244,7 @@ def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         offsets = [i - 0.4 + width * (k + 0.5) for i in x]
         ax.errorbar(offsets, means, yerr=stds, fmt='o', capsize=3, color=COLORS.get(method), label=method)
-    ax.set_xticks(x, [condition_label(c, noise) for c in conditions])
+    ax.set_xticks(x, [condition_label(c) for c in conditions], fontsize=8)
     ax.set_ylabel('last-epoch top-1 (%), mean ± std over seeds')
     ax.set_title(title, fontsize=9)
     ax.grid(axis='y', alpha=0.3)
@@ -205,7 +259,7 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
                  results: Dict[str, Dict[Condition, List[float]]], rows: List[Dict], wall: float) -> str:
     """The Markdown report: the command, the setting, mean ± std per method and condition, and per-seed numbers."""
     steps = {m: next(r['steps'] for r in rows if r['method'] == m) for m in args.methods}
-    labels = [condition_label(c, args.noise) for c in conditions]
+    labels = [condition_label(c) for c in conditions]
     lines = [
         f"# {args.dataset}: clean {args.eval_split} top-1 (%) at the last epoch",
         '',
@@ -221,7 +275,7 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
     ]
     if 'KD' in args.methods:
         kd_rows = [r for r in rows if r['method'] == 'KD']
-        teachers = [mean_std([r['teacher_top1'] for r in kd_rows if (r['eta'], r['fraction']) == c])
+        teachers = [mean_std([r['teacher_top1'] for r in kd_rows if (r['noise'], r['eta'], r['fraction']) == c])
                     for c in conditions]
         lines += [
             "KD: timm's logit distillation (train.py --kd-model-name/--kd-checkpoint; task and distillation weights "
@@ -240,17 +294,80 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
     for method in args.methods:
         lines.append(f"| {method} | " + ' | '.join(
             ' / '.join(f"{v:.2f}" for v in results[method][c]) for c in conditions) + ' |')
+    lines += ['', 'Losses at the last epoch, mean over seeds: training loss · evaluated split\'s loss at the end '
+              '(its minimum over the evaluated epochs). A training loss near 0 with the end above the minimum: the run '
+              'memorised its labels and overfits.', '',
+              '| method | ' + ' | '.join(labels) + ' |', '|---|' + '---:|' * len(conditions)]
+    for method in args.methods:
+        cells = []
+        for c in conditions:
+            runs = _rows_of(rows, method, c)
+            cells.append(f"{statistics.mean(r['train_loss'] for r in runs):.4f} · "
+                         f"{statistics.mean(r['eval_loss'] for r in runs):.3f} "
+                         f"({statistics.mean(r['eval_loss_min'] for r in runs):.3f})")
+        lines.append(f"| {method} | " + ' | '.join(cells) + ' |')
+    noisy = [c for c in conditions if any('alpha_auc' in r for r in _rows_of(rows, None, c))]
+    if noisy:
+        lines += ['', "PWA's α at the last epoch under label noise: mean α of the samples whose label was flipped / "
+                  "of the clean ones, and the ROC AUC of α for picking out the flipped ones (0.5: chance), "
+                  "mean ± std over seeds.", '',
+                  '| method | ' + ' | '.join(condition_label(c) for c in noisy) + ' |', '|---|' + '---:|' * len(noisy)]
+        for method in args.methods:
+            if not any('alpha_auc' in r for c in noisy for r in _rows_of(rows, method, c)):
+                continue
+            cells = []
+            for c in noisy:
+                runs = _rows_of(rows, method, c)
+                cells.append(f"{statistics.mean(r['alpha_flipped'] for r in runs):.3f} / "
+                             f"{statistics.mean(r['alpha_clean'] for r in runs):.3f}, AUC "
+                             + mean_std([r['alpha_auc'] for r in runs], digits=3))
+            lines.append(f"| {method} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+def write_csv(path: str, rows: List[Dict]) -> None:
+    """The result rows as CSV (KD rows add teacher_top1, SDPGO rows under noise the α columns; empty elsewhere)."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_results(path: str) -> Dict[Tuple[str, Condition, int], Dict]:
+    """The results a study wrote to `path` (none when it does not exist), keyed as `run_all` keys its runs."""
+    if not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path, newline='') as f:
+        for row in csv.DictReader(f):
+            key = (row['method'], (row['noise'], float(row['eta']), float(row['fraction'])), int(row['seed']))
+            skip = ('method', 'noise', 'eta', 'fraction', 'seed')
+            done[key] = {k: int(float(v)) if k == 'steps' else float(v) for k, v in row.items()
+                         if k not in skip and v != ''}
+    return done
+
+
+def _rows_of(rows: List[Dict], method: Optional[str], condition: Condition) -> List[Dict]:
+    """The result rows of a method (None: any) under a condition."""
+    return [r for r in rows if (method is None or r['method'] == method)
+            and (r['noise'], r['eta'], r['fraction']) == condition]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--dataset', default='digits', choices=list(DATASETS))
-    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument('--preset', choices=list(PRESETS),
+                        help='a whole study by name (memorize: the memorisation regime of issue 22, every method and '
+                             'condition); its values are defaults that the other options override')
+    parser.add_argument('--dataset', default=None, choices=list(DATASETS), help='default: digits')
+    parser.add_argument('--methods', nargs='+', default=None, choices=list(METHODS),
+                        help=f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument('--etas', nargs='+', type=float, default=[0.0, 0.2, 0.4])
     parser.add_argument('--noise', default='sym', choices=('sym', 'asym'))
-    parser.add_argument('--fractions', nargs='+', type=float, default=[1.0],
-                        help='shares of the training split (each condition: every eta at every fraction)')
+    parser.add_argument('--fractions', nargs='+', type=float, default=None,
+                        help='shares of the training split (each condition: every eta at every fraction; default 1)')
+    parser.add_argument('--conditions', nargs='+', default=None, metavar='COND',
+                        help='the conditions instead of --etas x --noise: clean, symETA or asymETA, optionally '
+                             '@FRACTION (else at each --fractions), e.g. clean sym0.4 asym0.4 clean@0.005')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--eval-split', default='validation', help="split scored (fashion-mnist: validation or test)")
     parser.add_argument('--model', default=None, help='default: resnet10t (digits), test_resnet (fashion-mnist)')
@@ -259,6 +376,10 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-size', type=int, default=64, help='batch of the replay methods (others: half)')
     parser.add_argument('--extra', default='', help='more train.py flags for every run, e.g. "--sdpgo-topk 3"')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    parser.add_argument('--runs-dir', default=None,
+                        help='keep the train.py run folders here (default: a temporary folder, removed at the end)')
+    parser.add_argument('--resume', action='store_true',
+                        help='keep the runs already in --out-csv (written as each run ends) and run the rest')
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs in parallel, one process each (e.g. --jobs 2 --threads 1 on 2 cores); '
                              'the results do not depend on it')
@@ -269,13 +390,22 @@ def main(argv=None) -> int:
                         help='smoke run: one seed, eta 0 and 0.4, 1 epoch of timm test_resnet at 8 px')
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    for key in ('dataset', 'methods', 'fractions', 'conditions', 'model', 'epochs'):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key))
+    args.extra = ' '.join(e for e in (preset.get('extra', ''), args.extra) if e)  # the command line's last
+    args.dataset = args.dataset or 'digits'
+    args.methods = args.methods or DEFAULT_METHODS
+    args.fractions = args.fractions or [1.0]
     defaults = DATASETS[args.dataset]
     args.model = args.model or defaults['model']
     args.epochs = args.epochs or defaults['epochs']
     args.img_size = args.img_size or defaults['img_size']
     if args.quick:
         args.seeds, args.etas, args.epochs, args.img_size, args.model = args.seeds[:1], [0.0, 0.4], 1, 8, 'test_resnet'
-    stem = defaults['stem'] + ('_quick' if args.quick else '')
+        args.conditions = args.conditions and args.conditions[:2]
+    stem = preset.get('stem', defaults['stem']) + ('_quick' if args.quick else '')
     for ext in ('md', 'csv', 'png'):  # a smoke run never overwrites the full tables
         if getattr(args, f'out_{ext}') is None:
             setattr(args, f'out_{ext}', str(ROOT / 'benchmarks' / 'results' / f'{stem}.{ext}'))
@@ -285,33 +415,35 @@ def main(argv=None) -> int:
         parser.error(f"--fractions must lie in (0, 1], got {args.fractions}")
     _set_threads(args.threads)
 
-    conditions = [(eta, fraction) for fraction in args.fractions for eta in args.etas]
+    try:
+        conditions = ([c for text in args.conditions for c in parse_condition(text, args.fractions)] if args.conditions
+                      else [(args.noise, eta, fraction) for fraction in args.fractions for eta in args.etas])
+    except ValueError as e:
+        parser.error(str(e))
     results: Dict[str, Dict[Condition, List[float]]] = {m: {c: [] for c in conditions} for m in args.methods}
     rows = []
     start = time.time()
     runs = [(method, condition, seed) for seed in args.seeds for condition in conditions for method in args.methods]
-    with tempfile.TemporaryDirectory() as out_dir, _executor(args) as pool:
-        futures = run_all(runs, args, out_dir, pool)
-        for method, (eta, fraction), seed in runs:
-            r = futures[(method, (eta, fraction), seed)].result()
-            results[method][(eta, fraction)].append(r['top1'])
-            rows.append(dict(method=method, noise=args.noise, eta=eta, fraction=fraction, seed=seed, **r))
-            print(f"{method:6s} eta={eta:<4g} fraction={fraction:<4g} seed={seed} top1={r['top1']:.2f} "
-                  f"steps={r['steps']}", flush=True)
-
     for path in (args.out_md, args.out_csv, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out_csv, 'w', newline='') as f:
-        # KD rows add teacher_top1, left empty in the others
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval='')
-        writer.writeheader()
-        writer.writerows(rows)
+    done = read_results(args.out_csv) if args.resume else {}
+    with ExitStack() as stack:
+        out_dir = args.runs_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        pool = stack.enter_context(_executor(args))
+        futures = run_all(runs, args, out_dir, pool, done)
+        for method, (noise, eta, fraction), seed in runs:
+            r = futures[(method, (noise, eta, fraction), seed)].result()
+            results[method][(noise, eta, fraction)].append(r['top1'])
+            rows.append(dict(method=method, noise=noise, eta=eta, fraction=fraction, seed=seed, **r))
+            write_csv(args.out_csv, rows)  # after every run: a stopped study keeps what it finished (--resume)
+            print(f"{method:6s} {condition_label((noise, eta, fraction))} seed={seed} top1={r['top1']:.2f} "
+                  f"steps={r['steps']} train_loss={r['train_loss']:.4f} eval_loss={r['eval_loss']:.4f} "
+                  f"(min {r['eval_loss_min']:.4f})", flush=True)
+
     table = write_tables(args, argv, conditions, results, rows, time.time() - start)
     Path(args.out_md).write_text(table)
-    labels = f"{args.noise} label noise" if any(args.etas) else 'clean labels'
-    title = (f"{args.dataset}, {labels}, {args.model}, {args.epochs} epochs {args.extra}: "
-             f"last-epoch {args.eval_split} top-1")
-    if not plot(results, conditions, args.noise, args.out_png, title):
+    title = f"{args.dataset}, {args.model}, {args.epochs} epochs {args.extra}: last-epoch {args.eval_split} top-1"
+    if not plot(results, conditions, args.out_png, title):
         print('matplotlib is not installed: no plot written (pip install -e ".[plot]")', file=sys.stderr)
     print(table)
     return 0

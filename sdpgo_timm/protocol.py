@@ -18,7 +18,10 @@ things about the task; this base class names both sides, so that neither peeks a
   first step feeds the fresh half alone) and mixes the replay half as it was mixed before;
   `prepare_step` gives timm's tasks their plain step;
 - `set_epoch(epoch)` at every epoch start, and `state_shared_across_ranks`: whether the
-  task state (`get_task_state`) is the same on every rank, so that rank 0's copy is saved once.
+  task state (`get_task_state`) is the same on every rank, so that rank 0's copy is saved once;
+- `log_sample_weights()` / `sample_weights()`: a task that weighs its self-teacher per sample (SDPGO's α)
+  can keep each weight with its dataset index, so that the run can ask how the weights relate to the
+  labels (e.g. whether flipped labels get more trust in the self-teacher under `--label-noise`).
 
 SDPGO (`sdpgo_timm.task.SDPGOTask`), DLB in both forms and PS-KD (`sdpgo_timm.skd`) subclass it.
 """
@@ -91,6 +94,15 @@ class SelfDistillationTask(TrainingTask):
 
     def set_epoch(self, epoch: int) -> None:
         """Called at every epoch start (0-based); nothing by default."""
+
+    def log_sample_weights(self) -> bool:
+        """Keep, from now on, each sample's self-teacher weight with its dataset index (for `sample_weights`);
+        returns whether this task has per-sample weights to keep (none by default)."""
+        return False
+
+    def sample_weights(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(dataset indices, weights) kept since the previous call, on the CPU; None when none are kept."""
+        return None
 
 
 def prepare_step(task: TrainingTask, batch: Batch, mixup_fn: Optional[Callable] = None) -> Step:

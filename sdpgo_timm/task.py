@@ -7,7 +7,7 @@ the fresh half's feature gradients during the caller's normal backward and PWA t
 into the α of the fresh half, which is cached with its teacher for the next step.
 """
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,7 @@ class SDPGOTask(SelfDistillationTask):
             len(taps), beta=beta, alpha_min=alpha_min, alpha_max=alpha_max, reduce_mean=_distributed_mean)
         self.cache: Optional[ReplayCache] = None
         self.sparsity = torch.zeros(())
+        self._weight_log: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # (index, α) for sample_weights
         if self.verbose:
             _logger.info(
                 f"SDPGOTask: tau={temperature} topk={topk} alpha_mode={alpha_mode} weighting={weighting} "
@@ -189,6 +190,24 @@ class SDPGOTask(SelfDistillationTask):
     def update_ema(self, step: Optional[int] = None) -> None:
         if self.has_ema():
             self.trainable_module_ema.update(self.get_eval_model(), step=step)
+
+    def log_sample_weights(self) -> bool:
+        """Keep each fresh sample's α with its dataset index (batches that carry indices: views replay, indexed
+        data); PWA's α only, a fixed α says nothing per sample."""
+        if self.alpha_mode != 'pwa':
+            return False
+        self._weight_log = []
+        return True
+
+    def sample_weights(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(indices, α) of the fresh halves whose α PWA computed since the previous call (the α that weighs
+        each sample's replay at the next step, before any warm-up ramp)."""
+        if self._weight_log is None:
+            return None
+        done, self._weight_log = self._weight_log, []
+        if not done:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        return torch.cat([i for i, _ in done]).cpu(), torch.cat([a for _, a in done]).float().cpu()
 
     def replay_rows(self, num_replay: int) -> int:
         """All replayed rows when a teacher is cached for them; none without one (the first step, a resume from
@@ -300,8 +319,10 @@ class SDPGOTask(SelfDistillationTask):
 
     def _next_cache(self, input, target, index, logits, features, fresh_start, loss_scale) -> ReplayCache:
         fresh = slice(fresh_start, None)
-        samples = dict(index=index[fresh].detach()) if self.replay == 'views' else dict(
-            input=input[fresh].detach(), target=target[fresh].detach())
+        # tensors replay: `index` (when the loader gives one) covers the rows the caller passed, the fresh ones
+        samples = dict(index=index[len(index) - (len(input) - fresh_start):].detach()) if index is not None else {}
+        if self.replay == 'tensors':
+            samples.update(input=input[fresh].detach(), target=target[fresh].detach())
         cache = ReplayCache(teacher_probabilities(logits[fresh], self.temperature), **samples)
         if self.alpha_mode == 'fixed':
             cache.alpha = logits.new_full((len(cache),), self.fixed_alpha, dtype=torch.float32)
@@ -329,6 +350,8 @@ class SDPGOTask(SelfDistillationTask):
             if all(s is not None for s in z):
                 cache.alpha = self.pwa.advance(z)
                 self.sparsity = torch.stack(sparsity).mean().detach()
+                if self._weight_log is not None and cache.index is not None:
+                    self._weight_log.append((cache.index, cache.alpha.detach()))
 
         attach_grad_hooks(features, on_grad)
 

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +105,36 @@ def test_kd_without_ce_in_the_study_trains_its_own_teacher_first(tmp_path, monke
                        '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]) == 0
     assert trained == ['CE-sym0.0-f1.0-s0-for-kd', 'KD-sym0.0-f1.0-s0', 'CE-sym0.4-f1.0-s0-for-kd', 'KD-sym0.4-f1.0-s0']
     assert all(0.0 <= float(row['teacher_top1']) <= 100.0 for row in csv.DictReader(open(out['csv'])))
+
+
+def test_conditions_preset_and_resume_keep_finished_runs(tmp_path, monkeypatch):
+    """--conditions names noise kind, rate and share per condition; the CSV is written as each run ends, and
+    --resume runs only what it lacks, giving the same table."""
+    monkeypatch.chdir(tmp_path)
+    bench = _load_benchmark()
+    assert bench.parse_condition('asym0.4', [0.5]) == [('asym', 0.4, 0.5)]
+    assert bench.parse_condition('clean@0.25', [0.5, 1.0]) == [('sym', 0.0, 0.25)]
+    with pytest.raises(ValueError, match='sym0.4'):
+        bench.parse_condition('noisy0.4', [1.0])
+    out = {k: str(tmp_path / f'c.{k}') for k in ('md', 'csv', 'png')}
+    argv = ['--quick', '--methods', 'CE', 'SDPGO', '--conditions', 'clean', 'asym0.4', '--threads', '1',
+            '--out-md', out['md'], '--out-csv', out['csv'], '--out-png', out['png']]
+    assert bench.main(argv) == 0
+    rows = list(csv.DictReader(open(out['csv'])))
+    assert {(r['method'], r['noise'], float(r['eta'])) for r in rows} == {
+        ('CE', 'sym', 0.0), ('SDPGO', 'sym', 0.0), ('CE', 'asym', 0.4), ('SDPGO', 'asym', 0.4)}
+    sdpgo_noisy = next(r for r in rows if r['method'] == 'SDPGO' and r['noise'] == 'asym')
+    assert 0.0 <= float(sdpgo_noisy['alpha_auc']) <= 1.0  # PWA's α scored against the flipped labels
+    table = Path(out['md']).read_text()
+    assert 'asym η = 0.4' in table and "PWA's α" in table and 'AUC' in table
+    with open(out['csv'], 'w', newline='') as f:  # a study stopped after its first three runs
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:3])
+    trained = []
+    train = bench._train
+    monkeypatch.setattr(bench, '_train', lambda *a: trained.append(a[5]) or train(*a))
+    assert bench.main([*argv, '--resume']) == 0
+    assert trained == [bench.experiment_name(rows[3]['method'], ('asym', 0.4, 1.0), 0)]
+    resumed = list(csv.DictReader(open(out['csv'])))
+    assert [r['top1'] for r in resumed[:3]] == [r['top1'] for r in rows[:3]] and len(resumed) == 4

@@ -3,11 +3,13 @@
 Corrupts a fixed, seeded share of the training labels so that robustness to noisy labels
 (SDPGO poster, Table 9) can be measured on any dataset whose targets are class indices.
 NumPy's legacy `RandomState` is used on purpose: its stream is frozen, so the same seed
-corrupts the same samples on every machine and NumPy version.
+corrupts the same samples on every machine and NumPy version. The run knows which labels it
+flipped, so it can also score how a per-sample weight (SDPGO's α) relates to them.
 """
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 NOISE_MODES = ('sym', 'asym')
 
@@ -61,3 +63,40 @@ def apply_label_noise(
             flip = rng.choice(members, size=round(eta * len(members)), replace=False)
             noisy[flip] = flip_map[c]
     return noisy
+
+
+def noisy_label_mask(dataset) -> Optional[np.ndarray]:
+    """Which samples of `dataset` carry a corrupted label (bool per dataset index), for the in-memory datasets that
+    keep their clean labels beside the noisy ones; None for any other dataset, or when no label was changed."""
+    clean, noisy = getattr(dataset, 'clean_targets', None), getattr(dataset, 'targets', None)
+    if clean is None or noisy is None:
+        return None
+    mask = np.asarray(noisy) != np.asarray(clean)
+    return mask if mask.any() else None
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for telling `positive` samples from the rest: the probability that a
+    random positive scores above a random negative, ties counting half (Mann-Whitney U over mid-ranks); NaN when
+    either group is empty."""
+    positive = positive.bool()
+    num_pos, num_neg = int(positive.sum()), int((~positive).sum())
+    if not num_pos or not num_neg:
+        return float('nan')
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    upper = counts.cumsum(0).double()
+    ranks = (upper - (counts.double() - 1) / 2)[inverse]  # 1-based mid-ranks of tied scores
+    return ((ranks[positive].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)).item()
+
+
+def weight_noise_metrics(index: torch.Tensor, weight: torch.Tensor, noisy: np.ndarray) -> Dict[str, float]:
+    """How per-sample self-teacher weights relate to label noise: their mean over samples whose label was flipped
+    (`alpha_flipped`) and over clean ones (`alpha_clean`), and the ROC AUC of the weight for picking out the
+    flipped ones (`alpha_auc`: 0.5 is chance; above it, flipped labels get more trust in the self-teacher)."""
+    flipped = torch.from_numpy(noisy)[index.long()]
+    return dict(alpha_flipped=_mean(weight[flipped]), alpha_clean=_mean(weight[~flipped]),
+                alpha_auc=roc_auc(weight, flipped))
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.mean().item() if len(values) else float('nan')

@@ -36,6 +36,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
 from ..data.factory import check_training_classes, create_split_dataset, dataset_classes
+from ..data.noise import noisy_label_mask, weight_noise_metrics
 from ..methods import get_method
 from ..protocol import SelfDistillationTask
 from .batches import batch_loss_scale
@@ -134,6 +135,10 @@ class TrainSession:
         self.method = get_method(args.method)
         self.feed = resolve_feed(args, self.dataset_train)
         self.task = create_train_task(args, model, self.feed, device, num_samples=len(self.dataset_train))
+        # under --label-noise the run knows which labels it flipped: SDPGO's α per sample is scored against them
+        self.noisy = noisy_label_mask(self.dataset_train)
+        self.alpha_vs_noise = (self.noisy is not None and isinstance(self.task, SelfDistillationTask)
+                               and self.task.log_sample_weights())
         self.amp_autocast, amp_dtype = create_autocast(args, device)
         # as timm: a loss scaler for float16 on CUDA only (bfloat16 needs none)
         self.loss_scaler = (NativeScaler(device=device.type) if amp_dtype == torch.float16 and device.type == 'cuda'
@@ -279,6 +284,8 @@ class TrainSession:
         self.meter = None
         self.num_updates = int(train_metrics.pop('num_updates'))
         train_metrics['skipped'] = self.skipped.pop_count(args.distributed) if self.skipped is not None else 0
+        if self.alpha_vs_noise:  # this process's samples (a share of the epoch under DDP)
+            train_metrics.update(weight_noise_metrics(*task.sample_weights(), self.noisy))
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(self.model, args.world_size, args.dist_bn == 'reduce')
         return train_metrics

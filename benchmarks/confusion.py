@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Per-class confusion of trained Fashion-MNIST runs: where class-flip noise costs accuracy, method by method.
+
+Reads run folders of train.py (their `args.yaml` and `last.pth.tar`, e.g. those a `label_noise.py --runs-dir DIR`
+study keeps), scores each last-epoch model on a clean split (`--split validation` by default: the analysis must
+not pick settings on the test split) and writes, per method (the run folder's name up to its first '-', over
+its seeds): each class's recall, and for the classes that class-flip noise pairs (FLIP_MAP) the share of the
+class's images predicted as its partner. A loss confined to the flipped pairs shows as lower recall there and a
+partner share that grows by what the recall loses.
+
+    python benchmarks/confusion.py /tmp/runs/CE-asym0.4-* /tmp/runs/SDPGO-asym0.4-* --out-md confusion.md
+"""
+import argparse
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+import timm
+import torch
+import yaml
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sdpgo_timm.data.fashion_mnist import CLASSES, FLIP_MAP, FashionMNISTDataset  # noqa: E402
+
+
+@torch.no_grad()
+def confusion(run: str, split: str) -> torch.Tensor:
+    """The (true class, predicted class) counts of a run's last-epoch model on a clean Fashion-MNIST split."""
+    with open(os.path.join(run, 'args.yaml')) as f:
+        args = yaml.safe_load(f)
+    model = timm.create_model(args['model'], num_classes=len(CLASSES),
+                              checkpoint_path=os.path.join(run, 'last.pth.tar')).eval()
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(args['mean'], args['std'])])
+    dataset = FashionMNISTDataset(split, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=500)
+    counts = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    for input, target in loader:
+        predicted = model(input).argmax(1)
+        counts += torch.bincount(target * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2).view_as(counts)
+    return counts
+
+
+def report(matrices: Dict[str, List[torch.Tensor]], split: str, argv: List[str]) -> str:
+    """Markdown: recall per class and method, and the partner share of the flipped classes (mean ± std over seeds)."""
+    def cell(values: List[float]) -> str:
+        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else '')
+
+    methods = list(matrices)
+    lines = [f"# Per-class recall (%) on the clean {split} split, last epoch", '',
+             f"`{' '.join(['python', 'benchmarks/confusion.py', *argv])}`", '',
+             '| class | ' + ' | '.join(methods) + ' |', '|---|' + '---:|' * len(methods)]
+    recall = {m: [100 * c.diag() / c.sum(1) for c in ms] for m, ms in matrices.items()}
+    for k, name in enumerate(CLASSES):
+        flipped = f" (↔ {CLASSES[FLIP_MAP[k]]})" if FLIP_MAP[k] != k else ''
+        lines.append(f"| {name}{flipped} | " + ' | '.join(cell([r[k].item() for r in recall[m]]) for m in methods)
+                     + ' |')
+    lines.append('| **all** | ' + ' | '.join(
+        cell([100 * c.diag().sum().item() / c.sum().item() for c in matrices[m]]) for m in methods) + ' |')
+    lines += ['', "Share (%) of each flipped class's images predicted as its partner:", '',
+              '| class → partner | ' + ' | '.join(methods) + ' |', '|---|' + '---:|' * len(methods)]
+    for k, name in enumerate(CLASSES):
+        if FLIP_MAP[k] != k:
+            lines.append(f"| {name} → {CLASSES[FLIP_MAP[k]]} | " + ' | '.join(
+                cell([100 * c[k, FLIP_MAP[k]].item() / c[k].sum().item() for c in matrices[m]]) for m in methods)
+                + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('runs', nargs='+', help='train.py run folders (method = folder name up to its first "-")')
+    parser.add_argument('--split', default='validation', choices=('validation', 'test'))
+    parser.add_argument('--out-md', default=None, help='write the report here too')
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    matrices: Dict[str, List[torch.Tensor]] = defaultdict(list)
+    for run in args.runs:
+        matrices[os.path.basename(os.path.normpath(run)).split('-')[0]].append(confusion(run, args.split))
+    text = report(matrices, args.split, argv)
+    if args.out_md:
+        Path(args.out_md).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
