@@ -47,11 +47,12 @@ class TrainMeter:
         self.batches = self.steps = self.fresh_seen = self.model_seen = 0
         self.last: Optional[torch.Tensor] = None  # the latest batch's loss (timm's progress line shows it)
 
-    def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, fresh: int) -> None:
+    def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, new: int) -> None:
+        """Add a batch's loss and parts; `new` of its rows are samples not trained on before."""
         n = len(out['output'])
         self.last = loss.detach()
         self.model_seen += n
-        self.fresh_seen += fresh
+        self.fresh_seen += new  # the key recovery checkpoints have always held
         self.batches += 1
         self.finite &= torch.isfinite(loss.detach())
         for key, total in self.sums.items():  # no per-step set or list: this runs every step
@@ -120,7 +121,7 @@ def train_one_epoch(
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
 ) -> Dict[str, float]:
-    """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
+    """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and new samples.
 
     The task turns each loader batch into the step it forwards (`sdpgo_timm.protocol.prepare_step`). `meter`
     continues an epoch stopped after `meter.batches` batches (the loader must start there);
