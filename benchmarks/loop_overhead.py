@@ -21,7 +21,7 @@ from timm.task import ClassificationTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdpgo_timm.data import DigitsDataset  # noqa: E402
-from sdpgo_timm.runner.engine import train_one_epoch  # noqa: E402
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch  # noqa: E402
 
 
 def minimal_epoch(model, loader, optimizer, criterion) -> float:
@@ -40,7 +40,7 @@ def minimal_epoch(model, loader, optimizer, criterion) -> float:
 
 def ours_epoch(task, loader, optimizer, epoch) -> float:
     start = time.perf_counter()
-    metrics = train_one_epoch(epoch, task, loader, optimizer, device=torch.device('cpu'), log_enabled=False)
+    metrics = train_one_epoch(epoch, task, loader, optimizer, LoopOptions(device=torch.device('cpu'), log_enabled=False))
     seen = metrics['samples']
     return seen / (time.perf_counter() - start)
 

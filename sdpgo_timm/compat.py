@@ -20,12 +20,9 @@ from typing import Any, Callable, Optional, Union
 
 import timm
 import torch
-from packaging.version import Version
 from timm.models import PretrainedCfg, split_model_name_tag
 
 _logger = logging.getLogger(__name__)
-
-MIN_TIMM = '1.0.23'  # the timm release whose private structures below were checked
 
 
 def amp_loss_scale(loss_scaler) -> Union[float, torch.Tensor]:
@@ -73,10 +70,6 @@ def timm_worker_init(worker_seeding: str) -> Optional[Callable[[int], None]]:
 def add_pretrained_tag(name: str, cfg: PretrainedCfg) -> None:
     """Add `arch.tag` -> cfg to timm's registry (timm has no public API to add pretrained tags)."""
     fallback = f"load the weights with timm.create_model('hf-hub:{cfg.hf_hub_id}', pretrained=True)"
-    if Version(timm.__version__) < Version(MIN_TIMM):
-        raise RuntimeError(
-            f'Registering pretrained tags needs timm >= {MIN_TIMM} (found {timm.__version__}): upgrade timm, or '
-            f'{fallback}.')
     from timm.models import _registry
     try:
         cfgs, has_weights, tags = (

@@ -6,7 +6,7 @@ import torch.nn as nn
 from timm.task import ClassificationTask, TrainingTask
 
 from .skd import create_skd_task
-from .hub.pretrained import ensure_cached
+from .pretrained import ensure_cached
 
 _PREFIX = 'sdpgo_'
 

@@ -12,8 +12,11 @@ things about the task; this base class names both sides, so that neither peeks a
   tasks that read gradients;
 - `loss_parts`: the scalar entries `forward` returns beside `loss`, `output` and `target`; the
   loop averages and logs each of them (`train_<name>` in summary.csv) and knows no names;
-- `replay_rows(num_replay)`: how many of a batch's replayed rows the task can use now; 0 when
-  it has no teacher for them (the loop then feeds the fresh half alone);
+- `prepare(batch, mixup_fn)`: the `Step` the loop forwards for a loader batch: its input and
+  target (Mixup applied), the keyword arguments of `forward` and the number of new samples. The
+  default drops the replayed rows the task has no teacher for (`replay_rows(num_replay)`; the
+  first step feeds the fresh half alone) and mixes the replay half as it was mixed before;
+  `prepare_step` gives timm's tasks their plain step;
 - `set_epoch(epoch)` at every epoch start, and `state_shared_across_ranks`: whether the
   task state (`get_task_state`) is the same on every rank, so that rank 0's copy is saved once;
 - `log_sample_weights()` / `sample_weights()`: a task that weighs its self-teacher per sample (SDPGO's α)
@@ -22,7 +25,7 @@ things about the task; this base class names both sides, so that neither peeks a
 
 SDPGO (`sdpgo_timm.task.SDPGOTask`), DLB in both forms and PS-KD (`sdpgo_timm.skd`) subclass it.
 """
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from timm.task import TrainingTask
@@ -46,6 +49,15 @@ def as_batch(batch: Union[Batch, Tuple[torch.Tensor, ...]]) -> Batch:
     return batch if isinstance(batch, Batch) else Batch(*batch)
 
 
+class Step(NamedTuple):
+    """What the loop forwards for one batch: `task(input, target, **kwargs)`; `num_new` of its rows are samples
+    not trained on before (the epoch's sample count)."""
+    input: Any  # a tensor, or a NaFlex dict of patches
+    target: torch.Tensor
+    kwargs: Dict[str, Any]
+    num_new: int
+
+
 class SelfDistillationTask(TrainingTask):
     """A timm TrainingTask that distils from the model itself; see the module docstring for the protocol."""
 
@@ -63,6 +75,19 @@ class SelfDistillationTask(TrainingTask):
     ):
         raise NotImplementedError
 
+    def prepare(self, batch: Batch, mixup_fn: Optional[Callable] = None) -> Step:
+        """The step for a loader batch (already on the device): the replayed rows this step can use
+        (`replay_rows`), Mixup (the replay half keeps its recorded mix), and the rows' indices for `forward`."""
+        input, target, index, num_replay = batch.input, batch.target, batch.index, 0
+        if batch.fresh_start:
+            num_replay = self.replay_rows(batch.fresh_start)
+            skip = batch.fresh_start - num_replay  # replayed rows without a teacher
+            input, target = input[skip:], target[skip:]
+            index = index[skip:] if index is not None else None
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
+        return Step(input, target, dict(index=index), len(target) - num_replay)
+
     def replay_rows(self, num_replay: int) -> int:
         """How many of a batch's `num_replay` replayed rows this step can use (all, by default)."""
         return num_replay
@@ -78,3 +103,12 @@ class SelfDistillationTask(TrainingTask):
     def sample_weights(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(dataset indices, weights) kept since the previous call, on the CPU; None when none are kept."""
         return None
+
+
+def prepare_step(task: TrainingTask, batch: Batch, mixup_fn: Optional[Callable] = None) -> Step:
+    """The step of `batch` for any timm task: a self-distillation task prepares its own, timm's own tasks take the
+    batch as it is (Mixup applied), every row new."""
+    if isinstance(task, SelfDistillationTask):
+        return task.prepare(batch, mixup_fn)
+    input, target = (batch.input, batch.target) if mixup_fn is None else mixup_fn(batch.input, batch.target)
+    return Step(input, target, {}, len(target))

@@ -77,8 +77,8 @@ class FeatureTaps:
         self._outputs: List[Optional[torch.Tensor]] = [None] * len(self.names)
         self._recording = False
         modules = dict(model.named_modules())
-        self._handles = [
-            modules[name].register_forward_hook(self._make_hook(i)) for i, name in enumerate(self.names)]
+        for i, name in enumerate(self.names):
+            modules[name].register_forward_hook(self._make_hook(i))
 
     def _make_hook(self, index: int) -> Callable:
         def hook(module, args, output):
@@ -97,11 +97,6 @@ class FeatureTaps:
         if missing:
             raise RuntimeError(f"tapped layers {missing} did not run in the forward pass")
         return outputs
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class TappedModel(nn.Module):

@@ -214,10 +214,6 @@ class SDPGOTask(SelfDistillationTask):
         weights only): the step then trains on its fresh half alone (see `_teacherless_replay`)."""
         return num_replay if self.cache is not None else 0
 
-    def reset(self) -> None:
-        """Forget the replay cache (the next step is plain CE on its batch)."""
-        self.cache = None
-
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """PWA state and the replay cache of this process (nothing for the EMA model)."""
         if ema:
@@ -271,8 +267,8 @@ class SDPGOTask(SelfDistillationTask):
         if num_replay and not torch.equal(index[:num_replay].to(cache.index.device), cache.index):
             raise RuntimeError(
                 "SDPGO views replay mismatch: the first half of this batch is not the fresh half of the "
-                "previous step, so its cached teacher would be wrong. Use the ReplayBatchSampler (or call "
-                "task.reset() after changing the data order).")
+                "previous step, so its cached teacher would be wrong. Use the ReplayBatchSampler (or a new task "
+                "after changing the data order).")
         if num_replay and len(input) <= num_replay:
             raise RuntimeError("SDPGO views batch has no fresh half after its replay half")
         return input, target, num_replay

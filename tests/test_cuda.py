@@ -13,7 +13,7 @@ from timm.utils import NativeScaler
 
 from sdpgo_timm import SDPGOTask
 from sdpgo_timm.runner.checkpoint import load_checkpoint_file
-from sdpgo_timm.runner.engine import train_one_epoch
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch
 from conftest import FAST, assert_same_weights, run_train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
@@ -86,7 +86,8 @@ def test_a_steady_state_step_makes_no_host_sync():
     task = SDPGOTask(model, replay='tensors', verbose=False)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9)
     autocast = lambda: torch.autocast('cuda', dtype=torch.bfloat16)  # noqa: E731
-    train_one_epoch(0, task, _batches(3), optimizer, device=DEVICE, amp_autocast=autocast, log_enabled=False)
+    options = LoopOptions(device=DEVICE, amp_autocast=autocast, log_enabled=False)
+    train_one_epoch(0, task, _batches(3), optimizer, options)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

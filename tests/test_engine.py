@@ -8,7 +8,7 @@ from timm.utils import NativeScaler
 
 from sdpgo_timm import SDPGOTask
 from sdpgo_timm.compat import amp_loss_scale
-from sdpgo_timm.runner.engine import train_one_epoch
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch
 
 
 def _batches(n=4, size=6):
@@ -19,8 +19,8 @@ def _batches(n=4, size=6):
 def _run(model, loss_scaler):
     task = SDPGOTask(model, replay='tensors', verbose=False)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.01)
-    train_one_epoch(0, task, _batches(), optimizer, device=torch.device('cpu'), loss_scaler=loss_scaler,
-                    log_enabled=False)
+    train_one_epoch(0, task, _batches(), optimizer,
+                    LoopOptions(device=torch.device('cpu'), loss_scaler=loss_scaler, log_enabled=False))
     return task
 
 

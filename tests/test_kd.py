@@ -14,7 +14,7 @@ from sdpgo_timm.hub import push_checkpoint
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import create_train_task
 from sdpgo_timm.runner.checkpoint import load_checkpoint_file
-from sdpgo_timm.runner.teacher import optimizer_module
+from sdpgo_timm.runner.builders import optimizer_module
 from conftest import FAST, assert_same_weights, run_train, run_validate, summary
 from fakehub import fake_hub, set_offline, use_cache  # noqa: F401 (fixture)
 

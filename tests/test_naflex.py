@@ -9,7 +9,7 @@ from timm.task import ClassificationTask
 from sdpgo_timm.protocol import as_batch
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.builders import create_train_loader
-from sdpgo_timm.runner.engine import train_one_epoch
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch
 from sdpgo_timm.runner.errors import ConfigError
 from sdpgo_timm.runner.batches import BatchLossScale
 from sdpgo_timm.runner.naflex import check_naflex_args
@@ -102,7 +102,7 @@ def test_train_one_epoch_scales_each_batch_loss_before_backward():
         task = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=torch.device('cpu'))
         batches = [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))]
         metrics = train_one_epoch(0, task, batches, torch.optim.SGD(model.parameters(), lr=0.1),
-                                  device=torch.device('cpu'), log_enabled=False, batch_loss_scale=scale)
+                                  LoopOptions(device=torch.device('cpu'), log_enabled=False, batch_loss_scale=scale))
         return model.weight.detach() - start, metrics['loss']
 
     plain, plain_loss = step(None)

@@ -16,7 +16,7 @@ from sdpgo_timm.skd import create_skd_task
 from sdpgo_timm.data import DigitsDataset
 from sdpgo_timm.skd.pskd import PSKDTask, _last_write_wins
 from sdpgo_timm.data.replay import create_indexed_loader
-from sdpgo_timm.runner.setup import gather_rank_states
+from sdpgo_timm.runner.checkpoint import gather_rank_states
 from sdpgo_timm.sil import per_sample_kl
 
 NUM_CLASSES = 5

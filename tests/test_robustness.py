@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from sdpgo_timm import hub
-from sdpgo_timm.runner.checkpoint import (
-    WriteError, append_summary, atomic_save, find_resume_checkpoint, load_checkpoint_file, resume_position)
+from sdpgo_timm.runner.checkpoint import find_resume_checkpoint, load_checkpoint_file, resume_position
+from sdpgo_timm.runner.errors import WriteError
+from sdpgo_timm.runner.rundir import atomic_save
+from sdpgo_timm.runner.summary import append_summary
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.data.replay import ReplayBatchSampler
 from fakehub import fake_hub  # noqa: F401 (fixture)
@@ -138,13 +140,13 @@ def test_preemption_signal_is_recorded_while_active_and_handlers_restored():
 
 
 def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(tmp_path, monkeypatch, error_lines):
-    import train
-    real_validate = train.validate
+    from sdpgo_timm.runner import session
+    real_validate = session.validate
 
     def validate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_validate(*args, **kwargs)
-    monkeypatch.setattr(train, 'validate', validate)
+    monkeypatch.setattr(session, 'validate', validate)
     assert run_train(['digits', *FAST, '-b', '128', '--epochs', '2', '--output', str(tmp_path),
                       '--experiment', 'run']) == 4
     assert 'preempted by SIGTERM at the end of epoch 0; its checkpoint is saved' in error_lines()[-1]
@@ -233,7 +235,7 @@ def test_failed_write_keeps_the_previous_file_and_leaves_nothing(tmp_path, monke
     def half_copy(source, target):  # the disk fills up while the rows are copied
         target.write(b'1,0.5')
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr('sdpgo_timm.runner.checkpoint.shutil.copyfileobj', half_copy)
+    monkeypatch.setattr('sdpgo_timm.runner.summary.shutil.copyfileobj', half_copy)
     with pytest.raises(WriteError, match='summary.csv'):
         append_summary(1, {'loss': 0.5}, {'top1': 60.0}, str(csv_path), lr=0.1)
     assert hashes(tmp_path) == before
@@ -626,13 +628,13 @@ def test_ctrl_c_saves_a_recovery_checkpoint_like_sigterm_and_a_second_one_stops_
 
 
 def test_sigterm_during_start_up_exits_4_with_one_line(tmp_path, monkeypatch, error_lines):
-    import train
-    real_create = train.create_train_loader
+    from sdpgo_timm.runner import session
+    real_create = session.create_train_loader
 
     def create(*args, **kwargs):  # the signal arrives while the loaders are being built
         os.kill(os.getpid(), signal.SIGTERM)
         return real_create(*args, **kwargs)
-    monkeypatch.setattr(train, 'create_train_loader', create)
+    monkeypatch.setattr(session, 'create_train_loader', create)
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'early']) == 4
     assert error_lines()[-1].startswith('preempted by SIGTERM during start-up, before the first step: nothing to save')
     assert not list((tmp_path / 'early').glob('*.pth.tar'))

@@ -50,10 +50,10 @@ def test_named_architectures_train(name, kwargs, size):
     for out in outs:
         assert torch.isfinite(out['loss'])
     for out in outs[1:]:
-        assert 0.0 < out['alpha'].item() < 1.0
         assert out['output'].shape == (4, 5)
     assert len(task.cache) == 2 and task.cache.teacher.shape == (2, 5) and task.cache.input.shape[0] == 2
-    assert ((task.cache.alpha > 0) & (task.cache.alpha < 1)).all()
+    # PWA ranks the samples: their z-scores differ, so their alphas do (no gradient would give sigmoid(0) for all)
+    assert task.cache.alpha.shape == (2,) and task.cache.alpha.std() > 0
 
 
 def test_first_step_equals_plain_ce():

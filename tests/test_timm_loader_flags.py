@@ -23,7 +23,7 @@ from sdpgo_timm.runner import setup
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.batches import batch_loss_scale, policy_batch_size
 from sdpgo_timm.runner.builders import create_train_loader
-from sdpgo_timm.runner.engine import train_one_epoch, validate
+from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch, validate
 from sdpgo_timm.runner.errors import ConfigError
 from sdpgo_timm.runner.recovery import inner_data_loader
 from conftest import FAST, run_train, summary
@@ -159,7 +159,7 @@ def test_variable_batch_loss_scale_weighs_each_batch_gradient():
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
         train_one_epoch(0, ClassificationTask(trained, nn.CrossEntropyLoss(), verbose=False), batches, optimizer,
-                        device=CPU, batch_loss_scale=scale, log_enabled=False)
+                        LoopOptions(device=CPU, batch_loss_scale=scale, log_enabled=False))
         return torch.cat([(a - b).flatten() for a, b in zip(trained.parameters(), model.parameters())])
 
     torch.testing.assert_close(update(lambda input: len(input) / 3), 2 * update(None))
@@ -195,10 +195,10 @@ def test_model_dtype_bfloat16_trains_a_bfloat16_model(tmp_path, prefetcher):
 
 
 def test_torchscript_trains_a_scripted_model(tmp_path, monkeypatch):
-    import train
+    from sdpgo_timm.runner import session
     models = []
-    real = train.create_train_task
-    monkeypatch.setattr(train, 'create_train_task', lambda args, model, *a, **kw: models.append(model) or real(
+    real = session.create_train_task
+    monkeypatch.setattr(session, 'create_train_task', lambda args, model, *a, **kw: models.append(model) or real(
         args, model, *a, **kw))
     assert run_train(['digits', '--epochs', '1', *FAST, '--torchscript', '--train-batches-per-epoch', '2',
                       '--output', str(tmp_path), '--experiment', 'ts']) == 0

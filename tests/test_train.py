@@ -157,15 +157,15 @@ class _Stream(IterableDataset):
 
 
 def test_views_replay_needs_an_indexable_dataset(tmp_path, monkeypatch, error_lines):
-    args = type('Args', (), {'sdpgo_replay': 'views', 'sdpgo': True, 'skd': None})()
+    args = type('Args', (), {'sdpgo_replay': 'views', 'method': 'sdpgo'})()
     with pytest.raises(ValueError, match='--sdpgo-replay tensors'):
         resolve_feed(args, _Stream())
     args.sdpgo_replay = 'auto'
     assert resolve_feed(args, _Stream()) == 'tensors'
     assert resolve_feed(args, DigitsDataset('validation')) == 'views'
 
-    import train
-    monkeypatch.setattr(train, 'create_split_dataset', lambda args, split, is_training: _Stream())
+    from sdpgo_timm.runner import session
+    monkeypatch.setattr(session, 'create_split_dataset', lambda args, split, is_training: _Stream())
     assert run_train(['digits', '--sdpgo', '--sdpgo-replay', 'views', *FAST, '--output', str(tmp_path / 'out')]) == 2
     assert 'indexable' in error_lines()[-1]
     assert not (tmp_path / 'out').exists()
@@ -213,8 +213,8 @@ def test_non_finite_loss_exits_3_without_saving(tmp_path, error_lines):
 
 def test_non_finite_loss_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     """A loss that turns NaN in epoch 1 stops the run; epoch 0's checkpoints stay as they were."""
-    import train
-    real_train_one_epoch = train.train_one_epoch
+    from sdpgo_timm.runner import session
+    real_train_one_epoch = session.train_one_epoch
 
     def poisoned(epoch, task, *args, **kwargs):
         if epoch == 1:
@@ -223,7 +223,7 @@ def test_non_finite_loss_keeps_the_best_checkpoint(tmp_path, monkeypatch):
                     p.fill_(float('nan'))
         return real_train_one_epoch(epoch, task, *args, **kwargs)
 
-    monkeypatch.setattr(train, 'train_one_epoch', poisoned)
+    monkeypatch.setattr(session, 'train_one_epoch', poisoned)
     assert run_train(['digits', '--epochs', '2', *FAST, '-b', '128', '--output', str(tmp_path),
                       '--experiment', 'nan']) == 3
     run = tmp_path / 'nan'
@@ -237,12 +237,12 @@ def test_non_finite_loss_keeps_the_best_checkpoint(tmp_path, monkeypatch):
 
 def test_resume_in_place_keeps_the_best_checkpoint(sdpgo_run, tmp_path, monkeypatch):
     """Resuming into the run's own folder continues timm's checkpoint bookkeeping: a worse epoch is not 'best'."""
-    import train
+    from sdpgo_timm.runner import session
     run = tmp_path / 'sdpgo'
     shutil.copytree(sdpgo_run, run)
     best_before = load_checkpoint_file(str(run / 'model_best.pth.tar'))
-    real_validate = train.validate
-    monkeypatch.setattr(train, 'validate', lambda *args, **kwargs: {**real_validate(*args, **kwargs), 'top1': 1.0})
+    real_validate = session.validate
+    monkeypatch.setattr(session, 'validate', lambda *args, **kwargs: {**real_validate(*args, **kwargs), 'top1': 1.0})
     assert run_train(['digits', '--sdpgo', '--epochs', '3', *FAST, '--output', str(tmp_path), '--experiment', 'sdpgo',
                       '--resume', str(run / 'last.pth.tar')]) == 0
     assert [r['epoch'] for r in summary(run)] == ['0', '1', '2']

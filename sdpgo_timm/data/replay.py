@@ -198,10 +198,9 @@ class ReplayLoader:
     from after the last batch received (a finished epoch reads as the start of the next).
     """
 
-    def __init__(self, loader: Union[DataLoader, PrefetchLoader], sampler: ReplayBatchSampler, dataset: Dataset):
+    def __init__(self, loader: Union[DataLoader, PrefetchLoader], sampler: ReplayBatchSampler):
         self.loader = loader
         self.sampler = sampler
-        self.dataset = dataset
         self._position = sampler.state_dict()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -286,64 +285,25 @@ def create_replay_loader(
         shuffle, drop_last, num_replicas, rank, num_batches: See `ReplayBatchSampler`.
     """
     dataset.transform = create_transform(
-        input_size,
-        is_training=is_training,
-        no_aug=no_aug,
-        train_crop_mode=train_crop_mode,
-        scale=scale,
-        ratio=ratio,
-        hflip=hflip,
-        vflip=vflip,
-        color_jitter=color_jitter,
-        color_jitter_prob=color_jitter_prob,
-        grayscale_prob=grayscale_prob,
-        gaussian_blur_prob=gaussian_blur_prob,
-        auto_augment=auto_augment,
-        interpolation=interpolation,
-        mean=mean,
-        std=std,
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,
-        crop_border_pixels=crop_border_pixels,
-        re_prob=re_prob,
-        re_mode=re_mode,
-        re_count=re_count,
-        use_prefetcher=use_prefetcher,
-    )
-    sampler = ReplayBatchSampler(
-        len(dataset),
-        batch_size,
-        num_replicas=num_replicas,
-        rank=rank,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        num_batches=num_batches,
-    )
+        input_size, is_training=is_training, no_aug=no_aug, train_crop_mode=train_crop_mode, scale=scale,
+        ratio=ratio, hflip=hflip, vflip=vflip, color_jitter=color_jitter, color_jitter_prob=color_jitter_prob,
+        grayscale_prob=grayscale_prob, gaussian_blur_prob=gaussian_blur_prob, auto_augment=auto_augment,
+        interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct, crop_mode=crop_mode,
+        crop_border_pixels=crop_border_pixels, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+        use_prefetcher=use_prefetcher)
+    sampler = ReplayBatchSampler(len(dataset), batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last, num_batches=num_batches)
     loader = DataLoader(
-        _IndexedDataset(dataset),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=_IndexedCollate(fast_collate if use_prefetcher else default_collate),
-        pin_memory=pin_memory,
-        worker_init_fn=timm_worker_init(worker_seeding),
-        persistent_workers=persistent_workers and num_workers > 0,
-    )
+        _IndexedDataset(dataset), batch_sampler=sampler, num_workers=num_workers,
+        collate_fn=_IndexedCollate(fast_collate if use_prefetcher else default_collate), pin_memory=pin_memory,
+        worker_init_fn=timm_worker_init(worker_seeding), persistent_workers=persistent_workers and num_workers > 0)
     if use_prefetcher:
         channels = input_size[0] if isinstance(input_size, (tuple, list)) and len(input_size) == 3 else len(mean)
         loader = PrefetchLoader(
-            loader,
-            mean=mean,
-            std=std,
-            channels=channels,
-            device=device,
-            img_dtype=img_dtype,
-            re_prob=re_prob if is_training and not no_aug else 0.,
-            re_mode=re_mode,
-            re_count=re_count,
-            re_num_splits=2 if re_split else 0,  # as timm's create_loader: the first half (replay) is not erased
-        )
-    return ReplayLoader(loader, sampler, dataset)
+            loader, mean=mean, std=std, channels=channels, device=device, img_dtype=img_dtype,
+            re_prob=re_prob if is_training and not no_aug else 0., re_mode=re_mode, re_count=re_count,
+            re_num_splits=2 if re_split else 0)  # as timm's create_loader: the first half (replay) is not erased
+    return ReplayLoader(loader, sampler)
 
 
 class IndexedLoader:

@@ -4,7 +4,7 @@
   `model.safetensors`, timm's `config.json` and a model card. Optimizer and SDPGO task
   state never leave the machine.
 * With `manifest=` and `tag=`, the push also appends a pinned entry to a pretrained
-  manifest (see sdpgo_timm.hub.pretrained for registering tags).
+  manifest (see sdpgo_timm.pretrained for registering tags).
 
 Run `python -m sdpgo_timm.hub push CHECKPOINT NAMESPACE/NAME` to push from the shell.
 """
@@ -34,8 +34,9 @@ from timm.models import (
 )
 from timm.utils import unwrap_model
 
+from ..pretrained import check_repo_id, check_tag, read_manifest
 from ..runner.checkpoint import load_checkpoint_file, load_weights_into
-from .pretrained import check_repo_id, check_tag, read_manifest
+from ..runner.setup import create_timm_model
 
 __all__ = ['push_checkpoint', 'main']
 
@@ -187,7 +188,6 @@ def _model_from_checkpoint(path: Path, use_ema: bool):
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in checkpoint:
         raise ValueError(f"{str(path)!r} has no EMA weights ('state_dict_ema'): push without --use-ema.")
-    from ..runner.setup import create_timm_model  # here: runner.setup imports this package's pretrained tags
     # the model as training built it (the one builder of train.py and validate.py), without its start-up weights
     build = argparse.Namespace(**{
         'gp': None, 'model_kwargs': {}, **args, 'model': arch, 'pretrained': False, 'pretrained_path': None,

@@ -6,6 +6,8 @@ train.py defaults come, in increasing priority, from: this parser, the benchmark
 benchmark name, the `-c/--config` YAML file, and the command line.
 validate.py takes the data config and head options the command line leaves unset from the
 checkpoint's training args, else from the benchmark recipe (`resolve_eval_args`).
+Each training method's own flags are defined in its module (`sdpgo_timm.methods`); `parse_args` resolves the
+method they choose into `args.method`.
 """
 import argparse
 import math
@@ -18,15 +20,13 @@ from timm.utils import ParseKwargs
 
 from ..data.benchmarks import BENCHMARKS, recipe_path
 from ..data.noise import NOISE_MODES
-from ..sil import WEIGHTINGS
-from ..skd import SKD_NAMES
-from ..task import ALPHA_MODES, REPLAY_MODES
+from ..methods import METHODS, get_method, resolve_method
 from .errors import ConfigError
 
-# timm.utils.set_jit_fuser's fusers ('': torch's default) and the dtypes timm's --model-dtype takes
+# timm.utils.set_jit_fuser's fusers ('': torch's default; legacy, nvf: aliases) and the dtypes timm's
+# --model-dtype takes
 JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')
 MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
-
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -138,6 +138,11 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
         group.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='batch size (default: 256)')
         group.add_argument('--num-gpu', type=int, default=1, metavar='N',
                            help='number of GPUs to use (> 1: torch.nn.DataParallel, CUDA only)')
+    _add_model_run_args(group, training)
+
+
+def _add_model_run_args(group: argparse._ArgumentGroup, training: bool) -> None:
+    """The model options of how it runs (layout, compilation, dtype, gradients), in the model group."""
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, key=value')
@@ -314,64 +319,17 @@ def _add_naflex_args(parser: argparse.ArgumentParser, training: bool = True) -> 
                             'that take HF/Gemma4-style patches')
 
 
-def _add_sdpgo_args(parser: argparse.ArgumentParser) -> None:
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    """The method selectors (--sdpgo, --skd NAME; --kd-model-name is the teacher method's flag), then each
+    method's own flags (sdpgo_timm.methods)."""
     group = parser.add_argument_group('Self-distillation (SDPGO) parameters')
     group.add_argument('--sdpgo', action='store_true', default=False, help='train with SDPGO self-distillation')
-    group.add_argument('--skd', type=str, default=None, choices=SKD_NAMES,
-                       help='self-distillation method: sdpgo (same as --sdpgo), dlb (DLB preset, one forward), '
-                            'dlb2 (DLB as its authors run it, two forwards), pskd (PS-KD)')
-    group.add_argument('--sdpgo-temperature', type=float, default=3.0, help='softmax temperature tau (default: 3)')
-    group.add_argument('--sdpgo-topk', type=int, default=2,
-                       help='non-target classes kept in the soft label, <0 keeps all (default: 2)')
-    group.add_argument('--sdpgo-beta', type=float, default=0.9, help='EMA rate of PWA lambda and moments (default: 0.9)')
-    group.add_argument('--sdpgo-layers', type=str, nargs='+', default=None,
-                       help='modules to tap for PWA (default: the last two feature levels)')
-    group.add_argument('--sdpgo-alpha-mode', type=str, default='pwa', choices=ALPHA_MODES,
-                       help='per-sample alpha from PWA, or the fixed --sdpgo-alpha')
-    group.add_argument('--sdpgo-alpha', type=float, default=0.5, help='alpha when --sdpgo-alpha-mode fixed')
-    group.add_argument('--sdpgo-alpha-min', type=float, default=0.0, help='lower clamp of PWA alpha')
-    group.add_argument('--sdpgo-alpha-max', type=float, default=1.0, help='upper clamp of PWA alpha')
-    group.add_argument('--sdpgo-alpha-warmup', type=int, default=0, metavar='STEPS',
-                       help='ramp the replay half\'s alpha linearly from 0 over the first STEPS training steps (0: off)')
-    group.add_argument('--sdpgo-weighting', type=str, default='complementary', choices=WEIGHTINGS,
-                       help='replayed loss: (1-a)CE + a t^2 KL, or CE + a t^2 KL (DLB)')
-    group.add_argument('--sdpgo-replay', type=str, default='auto', choices=('auto', *REPLAY_MODES),
-                       help='replay re-augmented views (indexable datasets) or cached tensors (auto: views if possible)')
-    group.add_argument('--pskd-alpha-t', type=float, default=0.8, help='PS-KD final alpha_T (default: 0.8)')
-
-
-def _add_kd_args(parser: argparse.ArgumentParser) -> None:
-    """timm's teacher knowledge distillation flags (timm.task's distillation tasks), plus our --kd-checkpoint."""
-    group = parser.add_argument_group('Knowledge distillation (teacher) parameters')
-    group.add_argument('--kd-model-name', default=None, type=str, metavar='MODEL',
-                       help='name of teacher model for knowledge distillation (its weights: --kd-checkpoint, else '
-                            "timm's pretrained ones, which must already be in the local cache: never downloaded)")
-    group.add_argument('--kd-checkpoint', default=None, type=str, metavar='PATH',
-                       help="(ours, not timm's) the teacher's weights: a training checkpoint, a saved state dict or "
-                            '.safetensors of --kd-model-name with the training data\'s classes')
-    group.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
-                       help='type of distillation: "logit" for output distillation, "feature" for intermediate '
-                            'features, "token" for models with distillation heads (default: logit)')
-    group.add_argument('--kd-loss-type', default='kl', type=str,
-                       help='loss function for logit distillation (default: kl; only "kl" is supported)')
-    group.add_argument('--distill-loss-weight', default=None, type=float,
-                       help='weight for distillation loss. If both weights specified: loss = task_weight * task + '
-                            'distill_weight * distill. If only task_weight: loss = task_weight * task + '
-                            '(1-task_weight) * distill. Default: 1.0 if only this specified.')
-    group.add_argument('--task-loss-weight', default=None, type=float,
-                       help='weight for task (classification) loss. See --distill-loss-weight for weighting modes. '
-                            'Default: 1.0 if unspecified.')
-    group.add_argument('--kd-temperature', default=4.0, type=float,
-                       help='temperature for softmax in distillation (default: 4.0, typical range: 1-4)')
-    group.add_argument('--kd-student-feature-dim', default=None, type=int,
-                       help='student model feature dimension (auto-detected from model.head_hidden_size or '
-                            'model.num_features if not specified)')
-    group.add_argument('--kd-teacher-feature-dim', default=None, type=int,
-                       help='teacher model feature dimension (auto-detected from model.head_hidden_size or '
-                            'model.num_features if not specified)')
-    group.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
-                       help='token distillation type: "soft" for KL-div with temperature, "hard" for CE with teacher '
-                            'argmax (default: soft)')
+    skd = [m for m in METHODS.values() if m.self_distillation]
+    group.add_argument('--skd', type=str, default=None, choices=[m.name for m in skd],
+                       help='self-distillation method: ' + ', '.join(f'{m.name} ({m.summary})' for m in skd))
+    for method in METHODS.values():
+        if method.add_args is not None:
+            method.add_args(parser)
 
 
 def _add_misc_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
@@ -478,8 +436,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_optim_args(parser)
     _add_aug_args(parser)
     _add_naflex_args(parser)
-    _add_sdpgo_args(parser)
-    _add_kd_args(parser)
+    _add_method_args(parser)
     _add_misc_args(parser)
     _add_scheduled_loader_args(parser)
     return parser
@@ -602,10 +559,6 @@ def _check_model_and_loader_flags(args: argparse.Namespace) -> None:
     if args.torchscript and args.sync_bn:
         raise ConfigError("--torchscript does not combine with --sync-bn (a scripted model's BatchNorm layers cannot "
                           "be converted to SyncBatchNorm); drop one")
-    if args.torchscript and (args.sdpgo or args.skd == 'sdpgo') and args.sdpgo_alpha_mode == 'pwa':
-        raise ConfigError("--torchscript does not combine with SDPGO's PWA alpha (it taps the model's layers with Python "
-                          "hooks, which a scripted model does not run): add --sdpgo-alpha-mode fixed or drop "
-                          "--torchscript")
     if args.train_img_sizes is None:
         for name in ('train_batch_sizes', 'train_size_probs'):
             if getattr(args, name) is not None:
@@ -649,7 +602,20 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     if args.eval_metric not in EVAL_METRICS:  # timm's train.py would fail on it after the first epoch
         raise ConfigError(f"--eval-metric {args.eval_metric!r} is not one evaluation reports; use one of "
                           f"{', '.join(EVAL_METRICS)}")
-    return args, yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)
+    text = yaml.safe_dump(dict(sorted(vars(args).items())), default_flow_style=False)
+    args.method = _resolve_method(args)  # after args.yaml's text: that file holds the flags, a config file reads it
+    return args, text
+
+
+def _resolve_method(args: argparse.Namespace) -> str:
+    """The registry name of the training method (`sdpgo_timm.methods`), its own checks of the flags passed."""
+    try:
+        method = get_method(resolve_method(args))
+        if method.check_args is not None:
+            method.check_args(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return method.name
 
 
 # training options that decide how a trained model is rebuilt and its evaluation data prepared, in groups: a
@@ -659,8 +625,6 @@ EVAL_ARGS = (('num_classes',), ('gp',), ('in_chans', 'img_size', 'input_size'), 
              ('split_bn', 'aug_splits'))  # a --split-bn model holds aux BatchNorm layers (unused in evaluation)
 RESULTS_FORMATS = ('csv', 'json')
 EVAL_METRICS = ('top1', 'top5', 'loss')  # what evaluation reports (--eval-metric)
-MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
-JIT_FUSERS = ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf')  # timm's set_jit_fuser names (legacy, nvf: aliases)
 
 
 def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

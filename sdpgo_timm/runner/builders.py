@@ -11,31 +11,19 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
-from timm.loss import BinaryCrossEntropy
-from timm.task import ClassificationTask, TrainingTask, create_classification_loss
+from timm.task import TrainingTask
 
-from ..skd import create_skd_task
+from ..methods import get_method, mixup_active
+from ..protocol import SelfDistillationTask
 from .errors import ConfigError
 from .naflex import create_naflex_train_loader, model_patch_size
 from .batches import epoch_batches, scheduled_loader_kwargs, seed_scheduled_order
 from .recovery import ResumableLoader
 from ..data.replay import ReplayMixup, create_indexed_loader, create_replay_loader
 from ..task import half_batch_size
-from .teacher import check_teacher_args, create_teacher_task
-
-
-def skd_method(args: argparse.Namespace) -> Optional[str]:
-    """'sdpgo', 'dlb', ... or None for plain supervised training."""
-    if args.sdpgo and args.skd not in (None, 'sdpgo'):
-        raise ValueError(f"--sdpgo and --skd {args.skd} both given; pick one")
-    return 'sdpgo' if args.sdpgo else args.skd
-
-
-def mixup_active(args: argparse.Namespace) -> bool:
-    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
 def check_aug_splits(args: argparse.Namespace) -> None:
@@ -59,40 +47,18 @@ def check_aug_splits(args: argparse.Namespace) -> None:
     if args.aug_splits and mixup_active(args):
         raise ConfigError("--aug-splits does not combine with --mixup/--cutmix (timm's train.py refuses it: Mixup "
                           "would mix rows of different splits); drop one")
-    method = skd_method(args)
-    if method and (args.aug_splits or args.split_bn):
+    method = get_method(args.method)
+    if method.self_distillation and (args.aug_splits or args.split_bn):
         flag = '--aug-splits' if args.aug_splits else '--split-bn'
-        raise ConfigError(f"{flag} does not combine with {'--sdpgo' if args.sdpgo else '--skd ' + method}: it makes "
+        raise ConfigError(f"{flag} does not combine with {method.flag}: it makes "
                           "a batch's rows augmented copies (or BatchNorm splits) of its images, while self-"
                           "distillation pairs a replay half with a fresh half; drop one (--resplit alone combines)")
 
 
 def resolve_feed(args: argparse.Namespace, dataset: Dataset) -> Optional[str]:
-    """How the training loader feeds the task.
-
-    None: plain batches (CE). 'indexed': batches with sample indices (PS-KD's per-sample table).
-    'views' / 'tensors': the replay mode of SDPGO and DLB (`--sdpgo-replay`; auto picks views
-    for indexable datasets, tensors for streaming ones). DLB's two-forward form re-augments
-    its replay half, so it needs views.
-    """
-    method = skd_method(args)
-    if method is None:
-        return None
-    iterable = isinstance(dataset, IterableDataset)
-    if method == 'pskd':
-        if iterable:
-            raise ValueError("--skd pskd keeps a table per sample and needs an indexable dataset, but this one streams")
-        return 'indexed'
-    if method == 'dlb2' and args.sdpgo_replay == 'tensors':
-        raise ValueError("--skd dlb2 re-augments its replay half: use --sdpgo-replay views (or auto)")
-    if args.sdpgo_replay == 'views' or (method == 'dlb2' and iterable):
-        if iterable:
-            raise ValueError(
-                "--sdpgo-replay views needs an indexable dataset, but this one streams; use --sdpgo-replay tensors")
-        return 'views'
-    if args.sdpgo_replay == 'auto':
-        return 'tensors' if iterable else 'views'
-    return args.sdpgo_replay
+    """How the training loader feeds the task: None, plain batches; 'indexed', batches with sample indices;
+    'views' / 'tensors', a replay mode (`Method.resolve_feed`)."""
+    return get_method(args.method).resolve_feed(args, dataset)
 
 
 def create_train_task(
@@ -102,58 +68,20 @@ def create_train_task(
         device: torch.device,
         num_samples: int = 0,
 ) -> TrainingTask:
-    """ClassificationTask with timm's loss choice (or timm's distillation task from a teacher, --kd-model-name),
-    or the self-distillation task of --sdpgo/--skd.
+    """The task of the run's method (`args.method`): timm's ClassificationTask with timm's loss choice, timm's
+    distillation task from a teacher (--kd-model-name), or a self-distillation task (--sdpgo/--skd).
 
     `feed` comes from resolve_feed; `num_samples` (the training set size) sizes PS-KD's table.
     """
-    method = skd_method(args)
-    check_teacher_args(args, method)
-    mixup = mixup_active(args)
-    # timm's train.py uses BCE only where targets are soft (Mixup/CutMix) or smoothed
-    bce = args.bce_loss and (mixup or args.smoothing)
-    bce_options = dict(target_threshold=args.bce_target_thresh, pos_weight=args.bce_pos_weight)
-    if method is None:  # timm's loss factory, making the choice timm's train.py makes
-        bce_args = dict(pos_weight=args.bce_pos_weight, bce_target_thresh=args.bce_target_thresh,
-                        bce_sum=args.bce_sum) if bce else {}
-        criterion = create_classification_loss(
-            'jsd' if args.jsd_loss else 'bce' if bce else 'ce', smoothing=args.smoothing, soft_targets=mixup,
-            jsd_splits=args.aug_splits, **bce_args)
-        if args.kd_model_name:  # timm's teacher distillation, with the criterion of a plain run
-            return create_teacher_task(args, model, criterion, device)
-        return ClassificationTask(model, criterion=criterion, device=device)
-    smoothing = 0.0 if mixup else args.smoothing
-    if method == 'pskd' and bce:
-        raise ValueError("--bce-loss does not combine with --skd pskd (its soft targets are trained with timm's "
-                         "SoftTargetCrossEntropy); drop one of them")
-    if method == 'pskd':
-        return create_skd_task(
-            model, 'pskd', num_samples=num_samples, epochs=args.epochs, alpha_t=args.pskd_alpha_t,
-            smoothing=smoothing, device=device)
-    options = dict(
-        temperature=args.sdpgo_temperature, topk=args.sdpgo_topk, beta=args.sdpgo_beta, layers=args.sdpgo_layers,
-        alpha_mode=args.sdpgo_alpha_mode, alpha=args.sdpgo_alpha, alpha_min=args.sdpgo_alpha_min,
-        alpha_max=args.sdpgo_alpha_max, alpha_warmup=args.sdpgo_alpha_warmup, weighting=args.sdpgo_weighting,
-        replay=feed, smoothing=smoothing)
-    if bce:  # the replay and fresh halves' task loss is timm's BCE, per sample
-        options['criterion'] = PerSampleBCE(BinaryCrossEntropy(smoothing=smoothing, reduction='none', **bce_options))
-    return create_skd_task(model, method, device=device, **options)
+    return get_method(args.method).build_task(args, model, feed, device, num_samples)
 
 
-class PerSampleBCE(nn.Module):
-    """timm's BinaryCrossEntropy as one loss per sample, summed over classes (timm's `--bce-sum`).
-
-    Always the sum, for a self-distillation task: its distillation term τ²·KL is on cross-entropy's scale,
-    and the class mean (timm's default) is C times smaller, so the distillation term would swamp it (on digits
-    SDPGO then predicts one class; with the sum it trains as with CE). docs/METHOD.md section 5.
-    """
-
-    def __init__(self, bce: BinaryCrossEntropy):
-        super().__init__()
-        self.bce = bce
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce(logits, target).sum(-1)
+def optimizer_module(task: TrainingTask, model: nn.Module) -> nn.Module:
+    """The module whose parameters the optimizer updates: the task's trainable module, as in timm's train.py (for
+    feature distillation the student and its projection), but the model itself for a self-distillation task: its
+    tapping wrapper adds no parameter, and timm's weight-decay exclusions and layer-decay groups would not find the
+    model's parameters under the wrapper's name prefix."""
+    return model if isinstance(task, SelfDistillationTask) else task.get_trainable_module()
 
 
 def create_mixup(
@@ -257,8 +185,7 @@ def check_replay_batches(args: argparse.Namespace, feed: Optional[str]) -> None:
     """
     if feed not in ('views', 'tensors'):
         return
-    method = skd_method(args)
-    flag = '--sdpgo' if method == 'sdpgo' else f'--skd {method}'
+    flag = get_method(args.method).flag
     if args.train_img_sizes is not None:
         raise ValueError(f"--train-img-sizes does not combine with {flag}: "
                          "the replay half repeats the previous batch, which a batch of another resolution or size "

@@ -1,179 +1,49 @@
-"""Checkpoints as timm writes them, written atomically, with the extra state a resume needs.
+"""Checkpoints as timm writes them, with the extra state a resume needs: what a checkpoint holds, written and
+read here, side by side.
 
 `TrainCheckpointSaver` is timm's CheckpointSaver (same files: checkpoint-N, last,
-model_best, recovery-E-B; same keys) whose writes go to a temporary file in the same
-folder, are flushed and fsynced, then renamed over the target, so a crash or a full disk
-never leaves a half-written checkpoint and never harms the previous one. It also stores
-extra state (replay caches and Mixup records of every process, the position inside an
-epoch) beside timm's keys. The run's other files (args.yaml, summary.csv) are replaced the
-same way. Loading is data-only (`weights_only=True`); a file that needs arbitrary pickle is
-refused. `find_resume_checkpoint` picks what `--resume auto` continues from.
+model_best, recovery-E-B; same keys) whose writes are atomic (`rundir.atomic_save`), so a
+crash or a full disk never leaves a half-written checkpoint and never harms the previous one.
+Beside timm's keys it stores ours (the keys below): the training data's classes,
+`gather_rank_states`' per-process task state, Mixup record and RNG states (or, in a recovery
+checkpoint, the loader position of `runner.recovery`), and the epoch's summary row.
+`resume_training` reads them back. Loading is data-only (`weights_only=True`); a file that needs
+arbitrary pickle is refused. `find_resume_checkpoint` picks what `--resume auto` continues from.
 """
 import argparse
-import csv
-import errno
 import glob
-import io
 import logging
 import os
+import random
 import re
-import shutil
-from typing import Any, Callable, Dict, IO, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
+from timm.models import clean_state_dict, split_model_name_tag
+from timm.task import TrainingTask
 from timm.utils import CheckpointSaver
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-from .errors import CheckpointError, WriteError, one_line
+from ..methods import recorded_method
+from ..protocol import SelfDistillationTask
+from .errors import CheckpointError, first_line, one_line
+from .rundir import atomic_save, fsync_dir, remove_stale_temporaries, temporary_path, write_error
 
 _logger = logging.getLogger(__name__)
 
 POSITION = 'position'  # {'epoch', 'step', 'num_updates'} of a recovery checkpoint
 CLASSES = 'classes'  # the training data's class names in label order
-# per-process state under DDP (`runner.setup.gather_rank_states`): one entry per rank
+# per-process state under DDP (`gather_rank_states`): one entry per rank
 RANK_STATES = 'task_state_ranks'
 MIXUP_STATE = 'replay_mixup'  # this process's record of the replay half's Mixup
 MIXUP_RANKS = 'replay_mixup_ranks'
 RECOVERY_RANKS = 'recovery_ranks'
 RNG_RANKS = 'rng_ranks'  # every rank's RNG states at an epoch checkpoint: the next epoch starts from them
 SUMMARY_ROW = 'summary_row'  # {'epoch', 'train', 'eval', 'lr'}: the summary.csv row of an epoch checkpoint
-_TMP = '.tmp-'
-_TMP_FILE = re.compile(r'.+\.tmp-(\d+)$')
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync, rename over `path`.
-
-    A failure removes the temporary file, leaves `path` as it was and raises a WriteError.
-    """
-    tmp = f"{path}{_TMP}{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
-        if isinstance(e, RuntimeError) and _is_torch_write_failure(e):
-            raise WriteError(
-                f"could not write {path!r}: torch.save failed ({_first_line(e)}), e.g. on a full disk; the previous "
-                "file is unchanged. Free space or fix permissions, then continue with --resume auto.") from None
-        raise
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _is_torch_write_failure(error: RuntimeError) -> bool:
-    """torch.save's zip writer reports a failed write (a full disk among them) as a RuntimeError, not an OSError."""
-    message = str(error)
-    return any(s in message for s in ('PytorchStreamWriter', 'file write failed', 'inline_container'))
-
-
-def _write_error(path: str, error: OSError) -> WriteError:
-    code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ''
-    return WriteError(
-        f"could not write {path!r}: {error.strerror or error}{code}; the previous file is unchanged. Free space or "
-        "fix permissions, then continue with --resume auto.")
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to `path` atomically (see `atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
-
-
-# timm's summary.csv columns, in timm's order; ours follow them
-_TIMM_SUMMARY = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
-
-
-def summary_row(epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> Dict[str, Any]:
-    """An epoch's summary.csv row: timm's columns (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) in timm's
-    order, then ours (train_<part>, train_steps, ..., eval_img_per_sec)."""
-    row = dict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
-               **{f'eval_{k}': v for k, v in eval_metrics.items()}, lr=lr)
-    return {**{k: row[k] for k in _TIMM_SUMMARY if k in row}, **row}
-
-
-def append_summary(epoch: int, train_metrics: dict, eval_metrics: dict, path: str, lr: float,
-                   log_wandb: bool = False) -> None:
-    """Append an epoch's `summary_row` to summary.csv, written atomically: earlier rows survive any crash or failed
-    write. The columns are the file's own when it exists (a run resumed in place). With `log_wandb` the row is
-    also logged to the active wandb run, as timm's update_summary does."""
-    row = summary_row(epoch, train_metrics, eval_metrics, lr)
-    if log_wandb:
-        import wandb
-        wandb.log(row)
-    header = None
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, newline='') as f:
-            header = next(csv.reader(f), None)
-
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header or list(row), extrasaction='ignore')
-    if not header:
-        writer.writeheader()
-    writer.writerow(row)
-
-    def write(f):
-        if header:
-            with open(path, 'rb') as old:
-                shutil.copyfileobj(old, f)
-        f.write(text.getvalue().encode())
-    atomic_write(path, write)
-
-
-def summary_epochs(path: str) -> list:
-    """The epochs summary.csv has rows for (empty when it does not exist)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline='') as f:
-        return [int(r['epoch']) for r in csv.DictReader(f) if r.get('epoch', '').isdigit()]
-
-
-def restore_summary_row(path: str, row: Dict[str, Any]) -> None:
-    """Append an epoch checkpoint's own summary row (its SUMMARY_ROW) if summary.csv lacks it: a run stopped between
-    the two writes (the checkpoint is written first, so summary.csv never lists an epoch that has no checkpoint)."""
-    if row['epoch'] not in summary_epochs(path):
-        append_summary(row['epoch'], row['train'], row['eval'], path, lr=row['lr'])
-        _logger.info(f"Restored the summary row of epoch {row['epoch']} from its checkpoint")
-
-
-def truncate_summary(path: str, start_epoch: int) -> None:
-    """Drop summary rows of epochs >= start_epoch (a run resumed in place trains them again)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        fields = reader.fieldnames or []
-    kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
-    if len(kept) == len(rows):
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write_text(path, buffer.getvalue())
-    _logger.info(f"Removed {len(rows) - len(kept)} summary row(s) of epochs >= {start_epoch}: they are trained again")
 
 
 def _load_data(path: str, fix: str) -> Any:
@@ -211,7 +81,7 @@ def load_weights_file(path: str) -> Dict[str, Any]:
             return {'state_dict': load_file(path)}
         except Exception as e:
             raise CheckpointError(
-                f"{str(path)!r} is not a readable .safetensors file ({_first_line(e)}). {fix}") from None
+                f"{str(path)!r} is not a readable .safetensors file ({first_line(e)}). {fix}") from None
     data = _load_data(path, fix)
     if isinstance(data, dict) and isinstance(data.get('state_dict'), dict):
         return data
@@ -301,27 +171,6 @@ def find_resume_checkpoint(folder: str) -> Optional[str]:
     return min(found)[1] if found else None
 
 
-def remove_stale_temporaries(folder: str) -> None:
-    """Remove temporary files of saves killed before their rename (their process is gone), and timm's."""
-    for path in glob.glob(os.path.join(folder, f'*{_TMP}*')) + [
-            os.path.join(folder, name) for name in ('tmp.pth.tar', 'recovery_tmp.pth.tar')]:
-        match = _TMP_FILE.match(path)
-        pid = int(match.group(1)) if match else None
-        if os.path.exists(path) and (pid is None or pid == os.getpid() or not _alive(pid)):
-            os.remove(path)
-            _logger.info(f"Removed {path!r}, left by a save that was interrupted")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        pass
-    return True
-
-
 class TrainCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver with atomic writes and extra resume state.
 
@@ -386,11 +235,11 @@ class TrainCheckpointSaver(CheckpointSaver):
     def _replace(self, src, dst):
         """Rename over `dst` (atomic): `dst` always exists, old or new, never missing or partial."""
         os.replace(src, dst)
-        _fsync_dir(dst)
+        fsync_dir(dst)
 
     def _duplicate(self, src, dst):
         """Hard link (or copy and fsync) to a temporary name, then rename: `dst` is never partial."""
-        tmp = f"{dst}{_TMP}{os.getpid()}"
+        tmp = temporary_path(dst)
         try:
             super()._duplicate(src, tmp)
             if not self.can_hardlink:
@@ -400,4 +249,175 @@ class TrainCheckpointSaver(CheckpointSaver):
         except OSError as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise _write_error(dst, e) from None
+            raise write_error(dst, e) from None
+
+
+def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
+    """A CheckpointError when the checkpoint's architecture (pretrained tags aside) is not `model`'s."""
+    arch = checkpoint.get('arch')
+    if arch and split_model_name_tag(arch)[0] != split_model_name_tag(model)[0]:
+        raise CheckpointError(f"{str(path)!r} holds a {arch!r} model, not --model {model!r}")
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def gather_rank_states(
+        task: TrainingTask,
+        mixup_fn,
+        args: argparse.Namespace,
+        recovery: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The per-process state a checkpoint needs, as extra checkpoint keys; collective under DDP.
+
+    `replay_mixup` is this process's Mixup record; under DDP `task_state_ranks` and
+    `replay_mixup_ranks` hold every rank's replay cache and record (not for a task whose
+    `state_shared_across_ranks` is true: its `task_state` from rank 0 serves every rank); `recovery_ranks` every
+    rank's `recovery` state (mid-epoch position) when given, else (an epoch checkpoint) `rng_ranks` every rank's
+    RNG states, which a resumed run restores so that its next epoch draws what this one's would have.
+    """
+    mixup = mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None
+    # a task whose state is the same on every rank (PS-KD's table) is saved once, from rank 0's `task_state`
+    shared = isinstance(task, SelfDistillationTask) and task.state_shared_across_ranks
+    rank_state = None if shared else task.get_task_state()
+    state = _to_cpu(dict(task_state=rank_state, mixup=mixup, recovery=recovery,
+                         rng=get_rng_state() if recovery is None else None))
+    states = [state]
+    if args.distributed:
+        states = [None] * args.world_size
+        dist.all_gather_object(states, state)
+    extra: Dict[str, Any] = {}
+    if mixup is not None:
+        extra[MIXUP_STATE] = state['mixup']
+    if args.distributed and state['task_state']:
+        extra[RANK_STATES] = [s['task_state'] for s in states]
+    if args.distributed and mixup is not None:
+        extra[MIXUP_RANKS] = [s['mixup'] for s in states]
+    if recovery is not None:
+        extra[RECOVERY_RANKS] = [s['recovery'] for s in states]
+    else:
+        extra[RNG_RANKS] = [s['rng'] for s in states]
+    return extra
+
+
+RngState = Dict[str, Any]
+
+
+def get_rng_state() -> RngState:
+    """This process's RNG states: torch (CPU, and CUDA once initialised), NumPy and Python's `random`."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(
+        torch=torch.get_rng_state(),
+        numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                   gauss=float(gauss)),
+        python=dict(version=version, internal=torch.tensor(internal, dtype=torch.int64), gauss_next=gauss_next))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: RngState) -> None:
+    """Restore what `get_rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    numpy = state['numpy']
+    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
+                         numpy['gauss']))
+    python = state['python']
+    random.setstate((python['version'], tuple(python['internal'].tolist()), python['gauss_next']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _training_shape_change(saved: Any, args: argparse.Namespace) -> str:
+    """What differs between the checkpoint's run and this one in what its self-distillation state depends on: the
+    method, the batch per process, the number of processes ('' when nothing does, or the checkpoint does not say)."""
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    if not saved:
+        return ''
+    changes = []
+    before, now = recorded_method(saved) or 'cross-entropy', recorded_method(vars(args)) or 'cross-entropy'
+    if before != now:
+        changes.append(f"another method ({before}, now {now})")
+    for key, flag in (('batch_size', '--batch-size'), ('world_size', 'processes')):
+        if saved.get(key) is not None and saved.get(key) != getattr(args, key, None):
+            changes.append(f"{saved[key]} {flag} (now {getattr(args, key, None)})" if flag == 'processes' else
+                           f"{flag} {saved[key]} (now {getattr(args, key, None)})")
+    return ', '.join(changes)
+
+
+def _this_rank(checkpoint: Dict[str, Any], key: str, args: argparse.Namespace, path: str):
+    """This rank's entry of a per-rank list of the checkpoint (None when absent)."""
+    states = checkpoint.get(key)
+    if states is None:
+        return None
+    if len(states) != args.world_size:
+        raise CheckpointError(
+            f"{path!r} holds the state of {len(states)} processes, this run has {args.world_size}: resume with the "
+            "same number of processes")
+    return states[args.rank]
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the epoch, the optimizer updates before it, and for a recovery
+    checkpoint this rank's mid-epoch state (see sdpgo_timm.runner.recovery)."""
+    epoch: int = 0
+    num_updates: Optional[int] = None
+    recovery: Optional[Dict[str, Any]] = None
+    summary_row: Optional[Dict[str, Any]] = None  # the summary.csv row an epoch checkpoint holds
+    rng: Optional[Dict[str, Any]] = None  # this rank's RNG states at an epoch checkpoint (restore before training)
+
+
+def resume_training(
+        args: argparse.Namespace, path: str, task: TrainingTask, optimizer, loss_scaler, mixup_fn) -> ResumePoint:
+    """Load model, EMA, optimizer, scaler, this rank's task state and Mixup record; return where to continue."""
+    checkpoint = load_checkpoint_file(path)
+    check_checkpoint_arch(checkpoint, path, args.model)
+    change = _training_shape_change(checkpoint.get('args'), args)
+    if change and POSITION in checkpoint:
+        raise CheckpointError(f"{path!r} is a recovery checkpoint of a run with {change}: its place in the epoch "
+                              "does not carry over; resume from an epoch checkpoint (last.pth.tar) instead")
+    task_state = checkpoint.get('task_state')
+    if RANK_STATES in checkpoint and not change:
+        task_state = _this_rank(checkpoint, RANK_STATES, args, path)
+    if change and task_state:
+        _logger.warning(f"{path!r} was trained with {change}: its self-distillation state (replay cache, PS-KD "
+                        "table, PWA statistics) does not fit this run and is dropped; the model, optimizer and "
+                        "schedule resume as saved, and the first step trains without a teacher")
+        task_state = None
+    try:
+        task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), task_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path!r} does not fit --model {args.model!r}: {one_line(e)}") from None
+    if task.has_ema():
+        ema = checkpoint.get('state_dict_ema')
+        if ema is None:  # timm builds its EMA after the resume; this one exists already and must not stay random
+            _logger.warning(f"{path!r} has no EMA weights: --model-ema starts from the resumed model's weights")
+            ema = checkpoint['state_dict']
+        # the EMA of task-owned modules too (feature distillation's projection); self-distillation tasks keep none
+        task.load_checkpoint_state(clean_state_dict(ema), checkpoint.get('task_state_ema'), ema=True)
+    if optimizer is not None and 'optimizer' in checkpoint and not args.no_resume_opt:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    mixup = None if change else _this_rank(checkpoint, MIXUP_RANKS, args, path) if MIXUP_RANKS in checkpoint else (
+        checkpoint.get(MIXUP_STATE))
+    if mixup_fn is not None and mixup is not None and hasattr(mixup_fn, 'load_state_dict'):
+        mixup_fn.load_state_dict(mixup)
+    epoch, step = resume_position(checkpoint)
+    point = ResumePoint(epoch, summary_row=checkpoint.get(SUMMARY_ROW))
+    if RNG_RANKS in checkpoint and POSITION not in checkpoint and not change:
+        point.rng = _this_rank(checkpoint, RNG_RANKS, args, path)
+    if POSITION in checkpoint:
+        point.num_updates = int(checkpoint[POSITION]['num_updates'])
+        point.recovery = _this_rank(checkpoint, RECOVERY_RANKS, args, path)
+    _logger.info(f"Resumed {path!r} at epoch {epoch}" + (f", after step {step}" if step else ''))
+    return point

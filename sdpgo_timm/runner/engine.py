@@ -2,10 +2,11 @@
 
 One loop serves plain timm training (ClassificationTask) and the self-distillation tasks, which
 it talks to only through the SelfDistillationTask protocol (`sdpgo_timm.protocol`): the loader
-yields a `Batch` (or timm's (input, target) pair), Mixup is applied here, the task computes the
-loss and names the loss parts to log, timm's NativeScaler (or a plain backward) steps the
-optimizer, and the epoch's metrics come back as a dict. Their running sums live in a
-`TrainMeter`, which a recovery checkpoint saves to continue an epoch.
+yields a `Batch` (or timm's (input, target) pair), the task prepares the step it forwards (Mixup
+included), computes the loss and names the loss parts to log, timm's NativeScaler (or a plain
+backward) steps the optimizer, and the epoch's metrics come back as a dict. Their running sums
+live in a `TrainMeter`, which a recovery checkpoint saves to continue an epoch. The options of the
+loop travel as one `LoopOptions`.
 """
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from timm.task import TrainingTask
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
 from ..compat import amp_loss_scale
-from ..protocol import Batch, SelfDistillationTask, as_batch
+from ..protocol import SelfDistillationTask, Step, as_batch, prepare_step
 from .errors import NonFiniteLossError
 from .naflex import batch_rows, input_to
 
@@ -45,11 +47,12 @@ class TrainMeter:
         self.batches = self.steps = self.fresh_seen = self.model_seen = 0
         self.last: Optional[torch.Tensor] = None  # the latest batch's loss (timm's progress line shows it)
 
-    def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, fresh: int) -> None:
+    def update(self, out: Dict[str, torch.Tensor], loss: torch.Tensor, new: int) -> None:
+        """Add a batch's loss and parts; `new` of its rows are samples not trained on before."""
         n = len(out['output'])
         self.last = loss.detach()
         self.model_seen += n
-        self.fresh_seen += fresh
+        self.fresh_seen += new  # the key recovery checkpoints have always held
         self.batches += 1
         self.finite &= torch.isfinite(loss.detach())
         for key, total in self.sums.items():  # no per-step set or list: this runs every step
@@ -76,91 +79,84 @@ class TrainMeter:
         self.fresh_seen, self.model_seen = state['fresh_seen'], state['model_seen']
 
 
+@dataclass
+class LoopOptions:
+    """How the loop trains, the same for every epoch of a run.
+
+    timm's options: the loss is divided by `grad_accum_steps` and the gradients clipped at `clip_grad`
+    (`clip_mode`); inputs are cast to `input_dtype` (--model-dtype) and channels-last with `channels_last`;
+    `batch_loss_scale(input)` weighs each batch's loss before backward (timm's --variable-batch-loss-scale,
+    --naflex-loss-scale; the logged loss is the unweighted one); `loss_scaler` is timm's NativeScaler (None: a
+    plain backward); the device is synchronized after each optimizer step with `synchronize_step` (timm's
+    --synchronize-step); `save_images_dir` receives the input batch of each logged update as train-batch-N.jpg
+    (--save-images). Progress lines are timm's (`Train:`), every `log_interval` optimizer updates, written where
+    `log_enabled`.
+    """
+    device: torch.device
+    amp_autocast: Callable = nullcontext
+    loss_scaler: Any = None
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    channels_last: bool = False
+    world_size: int = 1
+    log_interval: int = 50
+    log_enabled: bool = True
+    synchronize_step: bool = False
+    input_dtype: Optional[torch.dtype] = None
+    batch_loss_scale: Optional[Callable[[Any], Any]] = None
+    save_images_dir: Optional[str] = None
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
         loader,
         optimizer: torch.optim.Optimizer,
+        options: LoopOptions,
         *,
-        device: torch.device,
         lr_scheduler=None,
         mixup_fn: Optional[Callable] = None,
-        loss_scaler=None,
-        amp_autocast=nullcontext,
-        grad_accum_steps: int = 1,
-        clip_grad: Optional[float] = None,
-        clip_mode: str = 'norm',
-        channels_last: bool = False,
         num_updates: int = 0,
-        world_size: int = 1,
-        log_interval: int = 50,
-        log_enabled: bool = True,
         meter: Optional[TrainMeter] = None,
         on_step: Optional[Callable[[int, TrainMeter], None]] = None,
-        synchronize_step: bool = False,
-        input_dtype: Optional[torch.dtype] = None,
-        batch_loss_scale: Optional[Callable[[Any], Any]] = None,
-        save_images_dir: Optional[str] = None,
 ) -> Dict[str, float]:
-    """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and fresh samples.
+    """Train one epoch; returns the mean loss and loss parts, counts of optimizer steps and new samples.
 
-    A batch's rows before its `fresh_start` replay the previous step's fresh half; the task says how many of
-    them it can use (`replay_rows`). `meter` continues an epoch stopped after `meter.batches` batches (the
-    loader must start there); `on_step(num_updates, meter)` runs after each optimizer step, after the device
-    is synchronized if `synchronize_step` (timm's --synchronize-step). timm's options: inputs are cast to
-    `input_dtype` (--model-dtype); `batch_loss_scale(input)` weighs each batch's loss before backward (timm's
-    --variable-batch-loss-scale, --naflex-loss-scale; the logged loss is the unweighted one); `save_images_dir`
-    receives the input batch of each logged update as train-batch-N.jpg (--save-images).
-    Progress lines are timm's (`Train:`), every `log_interval` optimizer updates counted from 0 and at the last,
-    with the task's loss parts after timm's fields; under DDP their losses are means over the processes (a
-    collective on every rank).
+    The task turns each loader batch into the step it forwards (`sdpgo_timm.protocol.prepare_step`). `meter`
+    continues an epoch stopped after `meter.batches` batches (the loader must start there);
+    `on_step(num_updates, meter)` runs after each optimizer step. Progress lines carry the task's loss parts
+    after timm's fields; under DDP their losses are means over the processes (a collective on every rank).
     """
-    skd = isinstance(task, SelfDistillationTask)  # takes sample indices and the loss scale; timm's tasks do not
+    skd = isinstance(task, SelfDistillationTask)  # takes the loss scale; timm's tasks do not
+    o = options
+    device, grad_accum_steps = o.device, o.grad_accum_steps
     task.train()
     meter = meter if meter is not None else TrainMeter(device, getattr(task, 'loss_parts', ()))
     num_batches = len(loader)
     updates_per_epoch = (num_batches + grad_accum_steps - 1) // grad_accum_steps
-    log = _TrainLog(epoch, updates_per_epoch, log_interval, world_size, grad_accum_steps, log_enabled)
+    log = _TrainLog(epoch, updates_per_epoch, o.log_interval, o.world_size, grad_accum_steps, o.log_enabled)
     first_seen = meter.model_seen
     start = time.time()
     # timm leaves the head out of adaptive gradient clipping
-    parameters = list(task.get_clip_parameters(exclude_head='agc' in clip_mode))
+    parameters = list(task.get_clip_parameters(exclude_head='agc' in o.clip_mode))
     second_order = getattr(optimizer, 'is_second_order', False)  # e.g. AdaHessian: backward keeps the graph
     optimizer.zero_grad()
     for batch_idx, batch in enumerate(loader, meter.batches):
-        batch: Batch = as_batch(batch)
-        input, target = input_to(batch.input, device, input_dtype), batch.target.to(device)
-        index, num_replay = batch.index, 0
-        if batch.fresh_start:
-            num_replay = task.replay_rows(batch.fresh_start)
-            skip = batch.fresh_start - num_replay  # replayed rows the task has no teacher for
-            input, target = input[skip:], target[skip:]
-            index = index[skip:] if index is not None else None
-        if mixup_fn is not None:
-            input, target = mixup_fn(input, target, num_replay) if num_replay else mixup_fn(input, target)
-        if channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        step = _to_step(task, batch, mixup_fn, o)
+        input = step.input
         log.data_ready(batch_rows(input))
 
         update = (batch_idx + 1) % grad_accum_steps == 0 or batch_idx + 1 == num_batches
-        weight = batch_loss_scale(input) if batch_loss_scale is not None else 1.
-        scale = amp_loss_scale(loss_scaler) * weight / grad_accum_steps
-        sync = nullcontext() if update else task.no_sync()
-        with sync:
-            with amp_autocast():
-                out = task(input, target, index=index, loss_scale=scale) if skd else task(input, target)
+        weight = o.batch_loss_scale(input) if o.batch_loss_scale is not None else 1.
+        scale = amp_loss_scale(o.loss_scaler) * weight / grad_accum_steps
+        with nullcontext() if update else task.no_sync():
+            with o.amp_autocast():
+                out = task(input, step.target, **step.kwargs, loss_scale=scale) if skd else task(input, step.target)
             loss = out['loss']
-            step_loss = loss if batch_loss_scale is None else loss * weight
-            if loss_scaler is not None:
-                loss_scaler(step_loss / grad_accum_steps, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                            parameters=parameters, create_graph=second_order, need_update=update)
-            else:
-                (step_loss / grad_accum_steps).backward(create_graph=second_order)
-                if update:
-                    if clip_grad is not None:
-                        dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
-                    optimizer.step()
-        meter.update(out, loss, batch_rows(input) - num_replay)
+            _backward(loss if o.batch_loss_scale is None else loss * weight, optimizer, o, parameters, update,
+                      second_order)
+        meter.update(out, loss, step.num_new)
         if not update:
             log.batch_done()
             continue
@@ -168,12 +164,12 @@ def train_one_epoch(
         num_updates += 1
         meter.steps += 1
         task.update_ema(step=num_updates)  # timm's count: the updates done, this one included
-        if synchronize_step and device.type == 'cuda':
+        if o.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize(device)
         update_idx = batch_idx // grad_accum_steps
         log.update_done(update_idx, meter, optimizer)
-        if save_images_dir and log.due(update_idx):
-            _save_input_batch(input, save_images_dir, batch_idx)
+        if o.save_images_dir and log.due(update_idx):
+            _save_input_batch(input, o.save_images_dir, batch_idx)
         if on_step is not None:
             on_step(num_updates, meter)
         if lr_scheduler is not None:
@@ -186,10 +182,37 @@ def train_one_epoch(
     elapsed = time.time() - start
     metrics = meter.means()
     metrics.update(
-        steps=meter.steps, samples=meter.fresh_seen * world_size,
-        img_per_sec=(meter.model_seen - first_seen) * world_size / max(elapsed, 1e-6), epoch_time=elapsed,
+        steps=meter.steps, samples=meter.fresh_seen * o.world_size,
+        img_per_sec=(meter.model_seen - first_seen) * o.world_size / max(elapsed, 1e-6), epoch_time=elapsed,
         num_updates=num_updates)
     return metrics
+
+
+def _to_step(task: TrainingTask, batch: Any, mixup_fn: Optional[Callable], options: LoopOptions) -> Step:
+    """The step the task forwards for a loader batch; its input on the device in the loop's dtype and layout."""
+    batch = as_batch(batch)
+    device = options.device
+    step = prepare_step(task, batch._replace(input=input_to(batch.input, device, options.input_dtype),
+                                             target=batch.target.to(device)), mixup_fn)
+    if options.channels_last:
+        step = step._replace(input=step.input.contiguous(memory_format=torch.channels_last))
+    return step
+
+
+def _backward(step_loss: torch.Tensor, optimizer: torch.optim.Optimizer, options: LoopOptions,
+              parameters: List[torch.Tensor], update: bool, second_order: bool) -> None:
+    """timm's backward of one batch's loss (divided by the accumulation steps) and, at an `update`, its clipped
+    optimizer step: through timm's NativeScaler, else plain."""
+    o = options
+    if o.loss_scaler is not None:
+        o.loss_scaler(step_loss / o.grad_accum_steps, optimizer, clip_grad=o.clip_grad, clip_mode=o.clip_mode,
+                      parameters=parameters, create_graph=second_order, need_update=update)
+        return
+    (step_loss / o.grad_accum_steps).backward(create_graph=second_order)
+    if update:
+        if o.clip_grad is not None:
+            dispatch_clip_grad(parameters, o.clip_grad, mode=o.clip_mode)
+        optimizer.step()
 
 
 def _mean_over_ranks(values: Sequence[float], world_size: int, device: torch.device) -> List[float]:

@@ -56,3 +56,8 @@ class PushFailed(RunError):
 def one_line(error: Exception, limit: int = 300) -> str:
     """An exception's message on one line (load_state_dict's spans several), cut at `limit` characters."""
     return ' '.join(str(error).split())[:limit]
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

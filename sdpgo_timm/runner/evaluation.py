@@ -17,10 +17,11 @@ from timm.layers import apply_test_time_pool
 from timm.utils import check_batch_size_retry, decay_batch_step, reparameterize_model
 
 from ..data.factory import check_same_classes, dataset_num_classes
-from .checkpoint import CLASSES, atomic_write_text, load_weights_into
+from .checkpoint import CLASSES, check_checkpoint_arch, load_weights_into
 from .errors import ConfigError, RunError, one_line
 from .naflex import create_naflex_eval_loader
-from .setup import check_checkpoint_arch, create_eval_loader, create_timm_model
+from .rundir import atomic_write_text
+from .setup import create_eval_loader, create_timm_model
 
 _logger = logging.getLogger(__name__)
 

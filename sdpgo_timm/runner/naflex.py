@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from timm.data import NaFlexMixup, create_naflex_loader
 from timm.data.naflex_loader import NaFlexPrefetchLoader
 
+from ..methods import get_method
 from .errors import ConfigError
 
 PatchSize = Tuple[int, int]
@@ -41,9 +42,9 @@ def check_naflex_args(args: argparse.Namespace) -> None:
     """A ConfigError for each option --naflex-loader cannot go with (timm refuses most of them too)."""
     if not args.naflex_loader:
         return
-    if args.sdpgo or args.skd:
-        method = '--sdpgo' if args.sdpgo else f'--skd {args.skd}'
-        raise ConfigError(f"--naflex-loader does not combine with {method}: NaFlex batches vary in size and sequence "
+    method = get_method(args.method)
+    if method.self_distillation:
+        raise ConfigError(f"--naflex-loader does not combine with {method.flag}: NaFlex batches vary in size and sequence "
                           "length, so there is no fixed replay half to distil from; drop one of them")
     conflicts = (
         (getattr(args, 'train_img_sizes', None) is not None,

@@ -6,50 +6,20 @@ plus `position` (epoch, batches done in it, optimizer updates) and, for every pr
 its skipped-image record. Every file and RNG state is plain data (tensors, numbers,
 lists), so it loads with `torch.load(weights_only=True)`.
 """
-import random
 from collections import deque
 from itertools import islice
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from timm.data.loader import MultiEpochsDataLoader
 
 from ..compat import swap_batch_sampler
-from .checkpoint import POSITION
+from .checkpoint import POSITION, RngState, get_rng_state, set_rng_state
 from .engine import TrainMeter
 from .errors import Preempted
 from .preemption import PreemptionSignal
-
-RngState = Dict[str, Any]
-
-
-def get_rng_state() -> RngState:
-    """This process's RNG states: torch (CPU, and CUDA once initialised), NumPy and Python's `random`."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = dict(
-        torch=torch.get_rng_state(),
-        numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
-                   gauss=float(gauss)),
-        python=dict(version=version, internal=torch.tensor(internal, dtype=torch.int64), gauss_next=gauss_next))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: RngState) -> None:
-    """Restore what `get_rng_state` returned."""
-    torch.set_rng_state(state['torch'])
-    numpy = state['numpy']
-    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
-                         numpy['gauss']))
-    python = state['python']
-    random.setstate((python['version'], tuple(python['internal'].tolist()), python['gauss_next']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 class ResumableBatchSampler(Sampler[List[int]]):

@@ -8,33 +8,25 @@ failures into one clear message. Resuming is `runner.resume`; validate.py's own 
 import argparse
 import importlib
 import logging
-import os
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import timm
 from timm.data import create_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
-from timm.models import parse_model_name, resolve_model_input_args, split_model_name_tag
-from timm.task import TrainingTask
+from timm.models import resolve_model_input_args
 from timm.utils import init_distributed_device, set_jit_fuser
 
 from ..data.factory import dataset_num_classes
-from ..hub.pretrained import ensure_cached
-from ..protocol import SelfDistillationTask
-from .checkpoint import (
-    MIXUP_RANKS, MIXUP_STATE, RANK_STATES, RECOVERY_RANKS, RNG_RANKS, WriteError, atomic_write_text, load_weights_file,
-    load_weights_into)
+from ..pretrained import check_model_name, ensure_cached
+from .checkpoint import load_weights_file, load_weights_into
 from .batches import policy_batch_size
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .naflex import create_naflex_eval_loader, model_patch_size
-from .recovery import get_rng_state
-from .rundir import RunFolderLock, check_run_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -112,14 +104,6 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
     if declared is not None and args.num_classes < declared:
         raise ConfigError(f"--num-classes {args.num_classes} is fewer than the {declared} classes of the training "
                           f"data; leave it out or pass --num-classes {declared}")
-
-
-def check_model_name(name: str, what: str) -> None:
-    """A ValueError for a model name timm does not know (a Hub model, `hf-hub:...`, passes), listing close
-    matches; `what` names it in the message ('model', 'teacher --kd-model-name')."""
-    if parse_model_name(name)[0] != 'hf-hub' and not timm.is_model(name.split('.')[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown {what} {name!r}; similar timm models: {close}")
 
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
@@ -201,13 +185,6 @@ def create_eval_loader(args: argparse.Namespace, dataset: Dataset, data_config: 
         img_dtype=getattr(torch, args.model_dtype or 'float32'), **kwargs)
 
 
-def check_checkpoint_arch(checkpoint: Dict[str, Any], path: str, model: str) -> None:
-    """A CheckpointError when the checkpoint's architecture (pretrained tags aside) is not `model`'s."""
-    arch = checkpoint.get('arch')
-    if arch and split_model_name_tag(arch)[0] != split_model_name_tag(model)[0]:
-        raise CheckpointError(f"{str(path)!r} holds a {arch!r} model, not --model {model!r}")
-
-
 def create_autocast(args: argparse.Namespace, device: torch.device) -> Tuple[Callable, Optional[torch.dtype]]:
     """timm's AMP set-up: an autocast context factory (nullcontext without --amp) and the AMP dtype (or None)."""
     if not args.amp:
@@ -216,69 +193,3 @@ def create_autocast(args: argparse.Namespace, device: torch.device) -> Tuple[Cal
     return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), amp_dtype
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def gather_rank_states(
-        task: TrainingTask,
-        mixup_fn,
-        args: argparse.Namespace,
-        recovery: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """The per-process state a checkpoint needs, as extra checkpoint keys; collective under DDP.
-
-    `replay_mixup` is this process's Mixup record; under DDP `task_state_ranks` and
-    `replay_mixup_ranks` hold every rank's replay cache and record (not for a task whose
-    `state_shared_across_ranks` is true: its `task_state` from rank 0 serves every rank); `recovery_ranks` every
-    rank's `recovery` state (mid-epoch position) when given, else (an epoch checkpoint) `rng_ranks` every rank's
-    RNG states, which a resumed run restores so that its next epoch draws what this one's would have.
-    """
-    mixup = mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None
-    # a task whose state is the same on every rank (PS-KD's table) is saved once, from rank 0's `task_state`
-    shared = isinstance(task, SelfDistillationTask) and task.state_shared_across_ranks
-    rank_state = None if shared else task.get_task_state()
-    state = _to_cpu(dict(task_state=rank_state, mixup=mixup, recovery=recovery,
-                         rng=get_rng_state() if recovery is None else None))
-    states = [state]
-    if args.distributed:
-        states = [None] * args.world_size
-        dist.all_gather_object(states, state)
-    extra: Dict[str, Any] = {}
-    if mixup is not None:
-        extra[MIXUP_STATE] = state['mixup']
-    if args.distributed and state['task_state']:
-        extra[RANK_STATES] = [s['task_state'] for s in states]
-    if args.distributed and mixup is not None:
-        extra[MIXUP_RANKS] = [s['mixup'] for s in states]
-    if recovery is not None:
-        extra[RECOVERY_RANKS] = [s['recovery'] for s in states]
-    else:
-        extra[RNG_RANKS] = [s['rng'] for s in states]
-    return extra
-
-
-def create_output_dir(folder: str, args_text: str, resume_in_place: bool, cleanup: ExitStack) -> str:
-    """Make and lock the run's output folder, check that it holds no other run, write args.yaml.
-
-    The lock is held until `cleanup` closes (see `rundir`). A folder that cannot be written, one in use by
-    another run, or one holding a run that this start is not resuming is a ConfigError, and nothing is written.
-    """
-    try:
-        os.makedirs(folder, exist_ok=True)
-        cleanup.enter_context(RunFolderLock(folder))
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write to the output folder {folder!r}: {e.strerror}; choose another --output") from None
-    check_run_folder(folder, resume_in_place)
-    try:
-        atomic_write_text(os.path.join(folder, 'args.yaml'), args_text)
-    except WriteError as e:
-        raise ConfigError(f"cannot write to the output folder {folder!r}: {e}; choose another --output") from None
-    return folder

@@ -1,10 +1,10 @@
-"""Teacher knowledge distillation for train.py: timm's --kd-* flags built into timm's own tasks.
+"""Teacher knowledge distillation (the method of --kd-model-name): timm's --kd-* flags built into timm's own tasks.
 
 timm.task's LogitDistillationTask, FeatureDistillationTask and TokenDistillationTask, created as timm's
 train.py creates them, with two differences: the teacher's weights are local (our --kd-checkpoint, timm's
 `teacher_pretrained_path`, or timm's pretrained weights already in the cache: a run never downloads its
 teacher), and input a task cannot use is one ValueError line before training. Teacher distillation and
-self-distillation (--sdpgo/--skd) are alternatives. `optimizer_module` is what the optimizer updates.
+self-distillation (--sdpgo/--skd) are alternatives (`sdpgo_timm.methods.resolve_method`).
 """
 import argparse
 import os
@@ -18,22 +18,9 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg, parse_model_name
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
 
-from ..hub.pretrained import ensure_cached
-from ..protocol import SelfDistillationTask
-from .errors import one_line
-from .setup import check_model_name
-
-
-def check_teacher_args(args: argparse.Namespace, method: Optional[str]) -> None:
-    """A ValueError for teacher distillation flags that cannot train: with self-distillation `method`, or
-    --kd-checkpoint without a teacher."""
-    teacher = getattr(args, 'kd_model_name', None)
-    if teacher and method:
-        given = '--sdpgo' if args.sdpgo else f"--skd {args.skd}"
-        raise ValueError(f"--kd-model-name {teacher} and {given}: teacher distillation and self-distillation are "
-                         "alternatives; drop one")
-    if getattr(args, 'kd_checkpoint', None) and not teacher:
-        raise ValueError(f"--kd-checkpoint {args.kd_checkpoint} needs --kd-model-name, the teacher's architecture")
+from ..pretrained import check_model_name, ensure_cached
+from .base import Method
+from .ce import plain_criterion
 
 
 def check_teacher_weights(name: str, checkpoint: Optional[str]) -> None:
@@ -102,7 +89,7 @@ def create_teacher_task(
         if not checkpoint:
             raise
         raise ValueError(f"--kd-checkpoint {checkpoint!r} does not load as teacher --kd-model-name {name!r} with "
-                         f"{num_classes} classes: {one_line(e)}") from None
+                         f"{num_classes} classes: {' '.join(str(e).split())[:300]}") from None
     teacher_classes = task.teacher.model.pretrained_cfg.get('num_classes')
     if teacher_classes is not None and teacher_classes != num_classes:  # timm would have re-initialised its head
         raise ValueError(f"teacher --kd-model-name {name!r} was pretrained on {teacher_classes} classes, the student "
@@ -126,9 +113,45 @@ def check_feature_dims(args: argparse.Namespace, student: nn.Module, teacher: nn
                              "from the model)")
 
 
-def optimizer_module(task: TrainingTask, model: nn.Module) -> nn.Module:
-    """The module whose parameters the optimizer updates: the task's trainable module, as in timm's train.py (for
-    feature distillation the student and its projection), but the model itself for a self-distillation task: its
-    tapping wrapper adds no parameter, and timm's weight-decay exclusions and layer-decay groups would not find the
-    model's parameters under the wrapper's name prefix."""
-    return model if isinstance(task, SelfDistillationTask) else task.get_trainable_module()
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """timm's teacher knowledge distillation flags (timm.task's distillation tasks), plus our --kd-checkpoint."""
+    group = parser.add_argument_group('Knowledge distillation (teacher) parameters')
+    group.add_argument('--kd-model-name', default=None, type=str, metavar='MODEL',
+                       help='name of teacher model for knowledge distillation (its weights: --kd-checkpoint, else '
+                            "timm's pretrained ones, which must already be in the local cache: never downloaded)")
+    group.add_argument('--kd-checkpoint', default=None, type=str, metavar='PATH',
+                       help="(ours, not timm's) the teacher's weights: a training checkpoint, a saved state dict or "
+                            '.safetensors of --kd-model-name with the training data\'s classes')
+    group.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
+                       help='type of distillation: "logit" for output distillation, "feature" for intermediate '
+                            'features, "token" for models with distillation heads (default: logit)')
+    group.add_argument('--kd-loss-type', default='kl', type=str,
+                       help='loss function for logit distillation (default: kl; only "kl" is supported)')
+    group.add_argument('--distill-loss-weight', default=None, type=float,
+                       help='weight for distillation loss. If both weights specified: loss = task_weight * task + '
+                            'distill_weight * distill. If only task_weight: loss = task_weight * task + '
+                            '(1-task_weight) * distill. Default: 1.0 if only this specified.')
+    group.add_argument('--task-loss-weight', default=None, type=float,
+                       help='weight for task (classification) loss. See --distill-loss-weight for weighting modes. '
+                            'Default: 1.0 if unspecified.')
+    group.add_argument('--kd-temperature', default=4.0, type=float,
+                       help='temperature for softmax in distillation (default: 4.0, typical range: 1-4)')
+    group.add_argument('--kd-student-feature-dim', default=None, type=int,
+                       help='student model feature dimension (auto-detected from model.head_hidden_size or '
+                            'model.num_features if not specified)')
+    group.add_argument('--kd-teacher-feature-dim', default=None, type=int,
+                       help='teacher model feature dimension (auto-detected from model.head_hidden_size or '
+                            'model.num_features if not specified)')
+    group.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
+                       help='token distillation type: "soft" for KL-div with temperature, "hard" for CE with teacher '
+                            'argmax (default: soft)')
+
+
+def build_task(args: argparse.Namespace, model: nn.Module, feed: Optional[str], device: torch.device,
+               num_samples: int) -> TrainingTask:
+    """timm's teacher distillation with the criterion of a plain run."""
+    return create_teacher_task(args, model, plain_criterion(args), device)
+
+
+KD = Method('kd', flag='--kd-model-name', summary="timm's teacher distillation", build_task=build_task,
+            add_args=add_args, self_distillation=False)

@@ -3,6 +3,7 @@
 * `register_pretrained` / `register_manifest` / `register_builtin`: `arch.tag` names in
   timm's pretrained registry, so `timm.create_model('resnet18.<tag>', pretrained=True)`
   loads published SDPGO weights. Importing sdpgo_timm runs `register_builtin()`.
+* `check_model_name`: an unknown model name, with timm's close matches.
 * `ensure_cached`: a clear error, naming the repository, when the Hub is offline and the
   weights are not in the local cache.
 """
@@ -18,11 +19,12 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model, parse_model_name
+from timm.models import (
+    PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model, list_models, parse_model_name)
 
-from ..compat import add_pretrained_tag
+from .compat import add_pretrained_tag
 
-__all__ = ['register_pretrained', 'register_manifest', 'register_builtin', 'ensure_cached']
+__all__ = ['register_pretrained', 'register_manifest', 'register_builtin', 'ensure_cached', 'check_model_name']
 
 MANIFEST = Path(__file__).with_name('pretrained.json')
 MANIFEST_ENV = 'SDPGO_TIMM_MANIFEST'
@@ -179,3 +181,11 @@ def ensure_cached(
 def _is_cached(repo_id: str, filename: str, revision: Optional[str], cache_dir) -> bool:
     path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     return isinstance(path, str)
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A ValueError for a model name timm does not know (a Hub model, `hf-hub:...`, passes), listing close
+    matches; `what` names it in the message ('model', 'teacher --kd-model-name')."""
+    if parse_model_name(name)[0] != 'hf-hub' and not is_model(name.split('.')[0]):
+        close = list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"unknown {what} {name!r}; similar timm models: {close}")
