@@ -39,8 +39,8 @@ from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_plac
 from sdpgo_timm.runner.tracking import start_wandb
 from sdpgo_timm.runner.teacher import optimizer_module
 from sdpgo_timm.runner.setup import (
-    check_num_classes, create_autocast, create_eval_loader, create_output_dir, create_timm_model,
-    gather_rank_states, init_device, resolve_lr, resolve_model_dtype, setup_script_logging)
+    check_cpu_bfloat16_convolutions, check_num_classes, create_autocast, create_eval_loader, create_output_dir,
+    create_timm_model, gather_rank_states, init_device, resolve_lr, resolve_model_dtype, setup_script_logging)
 
 _logger = logging.getLogger('train')
 
@@ -82,6 +82,7 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
     model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    check_cpu_bfloat16_convolutions(args, model, device, data_config['input_size'])
     if args.distributed and args.sync_bn:
         # timm's conversion keeps its norm+act layers' activation (torch's would drop it); the statistics are then
         # synchronized every step, so --dist-bn has nothing left to do, as in timm
