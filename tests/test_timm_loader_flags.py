@@ -271,8 +271,9 @@ REFUSED = {
     'bfloat16 weights, conv stride over its input': (['--model-dtype', 'bfloat16'], 'layer4.0.conv1 (stride 2, input 1 '
                                                                                      'wide) at input size 16'),
     'bfloat16 autocast, conv stride over its input': (['--amp', '--amp-dtype', 'bfloat16'], 'layer4.0.conv1 (stride 2'),
-    'bfloat16 scheduled size, conv stride over its input': (['--model-dtype', 'bfloat16', '--input-size', '3', '32', '32',
-                                                             '--train-img-sizes', '32', '16'], 'at input size 16'),
+    'bfloat16 scheduled size, conv stride over its input': (
+        ['--model-dtype', 'bfloat16', '--input-size', '3', '32', '32', '--train-img-sizes', '32', '16'],
+        'at input size 16'),
     'missing device module': (['--device-modules', 'no_such_backend'], 'cannot import it'),
 }
 
