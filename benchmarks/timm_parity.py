@@ -8,9 +8,12 @@ timm's train.py is not in the timm package; `--timm-scripts` is a checkout of
 huggingface/pytorch-image-models (its train.py runs against the installed timm). Each case trains
 timm's `test_resnet` for 3 epochs on a generated 3-class image folder, on the CPU with `--workers 0`
 and one thread, and compares what both scripts report: summary.csv's timm columns (epoch,
-train_loss, eval_loss, eval_top1, eval_top5, lr) and the numbers of every `Train:` progress line
-(epoch, update, loss now, running loss, lr). `--write` records timm's side as the reference that
-tests/test_timm_parity.py holds our train.py to (naming the timm commit it came from).
+train_loss, eval_loss, eval_top1, eval_top5, lr), the numbers of every `Train:` progress line
+(epoch, update, loss now, running loss, lr) and the loss of every backward pass at full precision (each
+script runs under a recorder that reads the 0-dim tensor `Tensor.backward` is called on). Run side by
+side, both must agree exactly. `--write` records timm's side as the reference that
+tests/test_timm_parity.py holds our train.py to (naming the timm commit it came from); the test compares
+the machine-independent part exactly and the float results with margins argued from the kernels.
 """
 import argparse
 import csv
@@ -48,6 +51,20 @@ CASES: Dict[str, List[str]] = {
                  '--clip-grad', '0.05'],
     'no_validation': ['--val-split', ''],  # no evaluation: the training loss picks the best checkpoint
 }
+_LOSS_LINE = 'timm-parity backward loss: '
+# runs a train.py (sys.argv[1]) as `python train.py ...` would, printing the loss of each backward pass
+_RECORDER = f'''
+import os, runpy, sys, torch
+backward = torch.Tensor.backward
+def recorded(loss, *args, **kwargs):
+    if loss.dim() == 0:
+        print({_LOSS_LINE!r} + repr(loss.item()), file=sys.stderr, flush=True)
+    return backward(loss, *args, **kwargs)
+torch.Tensor.backward = recorded
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python train.py` sets it
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
 _PROGRESS = re.compile(r'Train: (\d+) \[\s*(\d+)/\d+ \(\s*\d+%\)\]\s+Loss: (\S+) \((\S+)\).*LR: (\S+)')
 
 
@@ -71,6 +88,11 @@ def parse_progress(lines: List[str]) -> List[List[float]]:
     return [[float(v) for v in m.groups()] for m in map(_PROGRESS.search, lines) if m]
 
 
+def parse_losses(lines: List[str]) -> List[float]:
+    """The loss of each backward pass, as the recorder printed it."""
+    return [float(line.split(_LOSS_LINE, 1)[1]) for line in lines if _LOSS_LINE in line]
+
+
 def read_summary(path: Path) -> List[Dict[str, float]]:
     """summary.csv's rows, timm's columns only (those it has: no eval_* without evaluation)."""
     with open(path, newline='') as f:
@@ -78,14 +100,16 @@ def read_summary(path: Path) -> List[Dict[str, float]]:
 
 
 def run_script(script: Path, data: Path, case: List[str], output: Path, name: str) -> Dict[str, list]:
-    """Run a train.py (ours or timm's) on one thread; its summary rows and progress lines."""
-    argv = [sys.executable, str(script), str(data), *COMMON, *case, '--output', str(output), '--experiment', name]
+    """Run a train.py (ours or timm's) on one thread; its summary rows, progress lines and backward losses."""
+    argv = [sys.executable, '-c', _RECORDER, str(script), str(data), *COMMON, *case, '--output', str(output),
+            '--experiment', name]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
     done = subprocess.run(argv, cwd=script.parent, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     log = (done.stdout + done.stderr).splitlines()
-    return dict(summary=read_summary(output / name / 'summary.csv'), progress=parse_progress(log))
+    return dict(summary=read_summary(output / name / 'summary.csv'), progress=parse_progress(log),
+                losses=parse_losses(log))
 
 
 def timm_commit(scripts: Path) -> str:
@@ -114,7 +138,7 @@ def main(argv=None) -> int:
             ours = run_script(ROOT / 'train.py', data, CASES[name], Path(tmp) / 'out', f'{name}-ours')
             same = np.allclose(np.array([list(r.values()) for r in ours['summary']]),
                                np.array([list(r.values()) for r in theirs['summary']]), rtol=1e-9, atol=0) and \
-                ours['progress'] == theirs['progress']
+                ours['progress'] == theirs['progress'] and ours['losses'] == theirs['losses']
             print(f"{name}: {'same' if same else 'DIFFERENT'}")
             for a, b in zip(theirs['summary'], ours['summary']):
                 print(f"  epoch {int(a['epoch'])}: timm loss {a['train_loss']:.10f} top1 {a.get('eval_top1', '-')} | "

@@ -52,8 +52,8 @@ from .recovery import RecoveryCheckpoints, restore_recovery
 from .resume import resolve_resume, resume_in_place
 from .rundir import create_output_dir
 from .setup import (
-    check_num_classes, create_autocast, create_eval_loader, create_timm_model, init_device, resolve_lr,
-    resolve_model_dtype)
+    check_cpu_bfloat16_convolutions, check_num_classes, create_autocast, create_eval_loader, create_timm_model,
+    init_device, resolve_lr, resolve_model_dtype)
 from .summary import append_summary
 from .tracking import start_wandb
 
@@ -124,6 +124,7 @@ class TrainSession:
         model.to(device=device, dtype=self.model_dtype)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
+        check_cpu_bfloat16_convolutions(args, model, device, self.data_config['input_size'])
         if args.distributed and args.sync_bn:
             # timm's conversion keeps its norm+act layers' activation (torch's would drop it); the statistics are
             # then synchronized every step, so --dist-bn has nothing left to do, as in timm

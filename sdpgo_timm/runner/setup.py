@@ -153,6 +153,51 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     return model
 
 
+def check_cpu_bfloat16_convolutions(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                                    input_size: Tuple[int, ...]) -> None:
+    """A ConfigError for bfloat16 training on the CPU (--model-dtype bfloat16, or --amp --amp-dtype bfloat16) of a
+    model with a convolution whose stride exceeds the width of its input and that pads it.
+
+    oneDNN's bfloat16 weight gradient for such a convolution (its AVX-512 and AMX kernels, torch 2.14's oneDNN
+    3.12) reads memory it never wrote: NaN, or finite gradients that are silently wrong, depending on what ran
+    before in the process. Found by one dry forward of a zero batch, in eval mode and without drawing from the
+    RNGs, at each training input size; refused on every CPU, so that a command trains the same everywhere.
+    """
+    bfloat16 = args.model_dtype == 'bfloat16' or (args.amp and args.amp_dtype == 'bfloat16')
+    if device.type != 'cpu' or not bfloat16 or getattr(args, 'naflex_loader', False):
+        return
+    sizes = [(input_size[0], s, s) for s in args.train_img_sizes] if args.train_img_sizes else [input_size]
+    found = []
+
+    def check(name: str, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
+        width, stride, padding = inputs[0].shape[-1], module.stride[-1], module.padding
+        if not isinstance(padding, str) and padding[-1] > 0 and stride > width:
+            found.append(f"{name} (stride {stride}, input {width} wide)")
+
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    hooks = [m.register_forward_pre_hook(partial(check, n)) for n, m in model.named_modules() if isinstance(m, convs)]
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast('cpu', torch.bfloat16,
+                                                                                 enabled=bool(args.amp)):
+            model.eval()
+            for size in sizes:
+                found.clear()
+                model(torch.zeros(1, *size, dtype=next(model.parameters()).dtype))
+                if found:
+                    break
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    if found:
+        raise ConfigError(
+            f"bfloat16 training on the CPU: {found[0]} at input size {size[-1]} is a padded convolution with a stride "
+            f"wider than its input, whose bfloat16 weight gradient oneDNN computes from memory it never wrote (NaN "
+            f"or silently wrong); use a larger --input-size, float32 (no --model-dtype bfloat16 / --amp-dtype "
+            f"bfloat16), or a GPU")
+
+
 def resolve_lr(args: argparse.Namespace, log: bool = False) -> None:
     """--lr if given, else --lr-base scaled by the global batch as timm does (linear, sqrt for adaptive opts); with
     scheduled batch sizes the batch is their policy average."""
