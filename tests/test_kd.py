@@ -97,7 +97,6 @@ def test_logit_kd_run_logs_its_loss_parts(logit_run):
     row, = summary(logit_run)
     task_loss, kd_loss = float(row['train_task_loss']), float(row['train_kd_loss'])
     assert kd_loss > 0 and float(row['train_loss']) == pytest.approx(task_loss + 2 * kd_loss, rel=1e-5)
-    assert float(row['eval_top1']) > 20  # it learns in one epoch (10 classes: chance is 10 %)
     assert 'kd_model_name: test_resnet' in (logit_run / 'args.yaml').read_text()
 
 
