@@ -73,7 +73,7 @@ PRESETS = {
     # class-flip noise at η = 0.4, and a quarter of the regime's share
     'memorize': dict(dataset='fashion-mnist', model='test_resnet', img_size=None, epochs=60, fractions=[0.02],
                      conditions=['clean', 'sym0.4', 'asym0.4', 'clean@0.005'],
-                     methods=['CE', 'CE×2', 'CE+LS', 'DLB', 'PS-KD', 'KD', 'SDPGO'],
+                     methods=['CE', 'CE×2', 'CE+LS', 'DLB', 'DLB2', 'PS-KD', 'KD', 'SDPGO'],
                      # evaluated every 10 epochs (and at the last): the test split's 10,000 images cost
                      extra='-c hparams/fashion-mnist/memorize.yaml --val-interval 10', stem='fashion_mnist_memorize'),
 }
