@@ -33,7 +33,7 @@ from sdpgo_timm.runner.checkpoint import SUMMARY_ROW, TrainCheckpointSaver, appe
 from sdpgo_timm.runner.engine import train_one_epoch, validate
 from sdpgo_timm.runner.errors import Preempted, PushFailed, RunError
 from sdpgo_timm.runner.naflex import check_naflex_args
-from sdpgo_timm.runner.preemption import PreemptionSignal
+from sdpgo_timm.runner.preemption import Interrupted, PreemptionSignal
 from sdpgo_timm.runner.recovery import RecoveryCheckpoints, restore_recovery, set_rng_state
 from sdpgo_timm.runner.resume import ResumePoint, resolve_resume, resume_in_place, resume_training
 from sdpgo_timm.runner.tracking import start_wandb
@@ -264,17 +264,21 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
         from sdpgo_timm.hub import HubError, push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')
         try:
-            result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
-        except HubError as e:  # the run is complete and saved; only the upload is left to do
-            raise PushFailed(f"{e}. The run itself is complete in {output_dir!r}: push it later with "
+            with preemption.raising():  # an upload has no step to stop at: a signal stops it at once
+                result['hub_url'] = push_checkpoint(best_path, args.push_to_hub, use_ema=task.has_ema())
+        except (HubError, Interrupted) as e:  # the run is complete and saved; only the upload is left to do
+            reason = f"the push was interrupted by {e}" if isinstance(e, Interrupted) else str(e)
+            raise PushFailed(f"{reason}. The run itself is complete in {output_dir!r}: push it later with "
                              f"python -m sdpgo_timm.hub push {best_path} {args.push_to_hub}") from None
     return result
 
 
 def main(argv=None) -> int:
     """The exit status of sdpgo_timm.runner.errors: 0 done, 1 trained but the Hub push failed, 2 bad input, 3
-    non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed, 130 a second Ctrl-C."""
+    non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed, 6 out of memory, 130 a
+    second Ctrl-C."""
     setup_script_logging()
+    args = None
     try:
         args, args_text = parse_args(argv)
         with ExitStack() as cleanup:
@@ -285,6 +289,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input found by timm or torch while setting up
         _logger.error(f"error: {e}")
         return errors.BAD_INPUT
+    except (RuntimeError, MemoryError) as e:
+        oom = errors.out_of_memory(e, args.batch_size) if args is not None else None
+        if oom is None:
+            raise
+        _logger.error(oom.line())
+        return oom.exit_status
     except KeyboardInterrupt:
         _logger.error("error: interrupted twice (Ctrl-C): stopped at once, without a recovery checkpoint; the "
                       "checkpoints already written are intact")
