@@ -159,17 +159,17 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             task=task, classes=dataset_classes(dataset_train))
         if in_place:
             resume_in_place(saver, resume_path, output_dir, point)
-        _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
-                     f"{len(loader_train)} steps per epoch, output {output_dir}")
-        explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
-                   if args.warmup_prefix else
-                   '(epochs + cooldown_epochs). Warmup within epochs when warmup_prefix=False')
-        _logger.info(f"Scheduled epochs: {num_epochs} {explain}. "
-                     f"LR stepped per {'epoch' if lr_scheduler.t_in_epochs else 'update'}.")
-
-    if point.epoch >= num_epochs and primary:
-        _logger.info(
-            f"Nothing left to train: resumed at epoch {point.epoch} of {num_epochs}; raise --epochs to train on")
+        if point.epoch >= num_epochs:
+            _logger.info(
+                f"Nothing left to train: resumed at epoch {point.epoch} of {num_epochs}; raise --epochs to train on")
+        else:
+            _logger.info(f"Training {args.model} ({method or 'cross-entropy'}) for {num_epochs} epochs, "
+                         f"{len(loader_train)} steps per epoch, output {output_dir}")
+            explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
+                       if args.warmup_prefix else
+                       '(epochs + cooldown_epochs). Warmup within epochs when warmup_prefix=False')
+            _logger.info(f"Scheduled epochs: {num_epochs} {explain}. "
+                         f"LR stepped per {'epoch' if lr_scheduler.t_in_epochs else 'update'}.")
     collect = partial(gather_rank_states, task, mixup_fn, args)
     eval_model = task.get_eval_model()
     best = None
@@ -256,10 +256,11 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
             _logger.info("*** No epoch was trained in this run")
         else:
             _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
-        # timm's parsable result: the ten best evaluated epochs, best last
+        # timm's parsable result: the ten best evaluated epochs, best last (none when nothing was left to train)
         ranked = sorted(results, key=lambda r: r.get('validation', r['train'])[eval_metric],
                         reverse=eval_metric == 'loss')
-        print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
+        if ranked:
+            print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
     if primary and args.push_to_hub and output_dir:
         from sdpgo_timm.hub import HubError, push_checkpoint
         best_path = os.path.join(output_dir, 'model_best.pth.tar')

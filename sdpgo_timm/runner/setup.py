@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import os
+import warnings
 from contextlib import ExitStack, nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -55,6 +56,9 @@ def setup_script_logging() -> None:
     tests, notebooks)."""
     if logging.root.handlers:
         return
+    # torch warns of more loader workers than CPUs from two places (each loader's creation and each pass over it):
+    # once per process says it
+    warnings.filterwarnings('once', message='This DataLoader will create', category=UserWarning)
     handler = logging.StreamHandler()
     handler.setFormatter(_ScriptFormatter())
     logging.root.addHandler(handler)
