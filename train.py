@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from sdpgo_timm.runner import errors
 from sdpgo_timm.runner.args import parse_args
 from sdpgo_timm.runner.errors import PushFailed, RunError
+from sdpgo_timm.runner.preemption import Interrupted
 from sdpgo_timm.runner.session import TrainSession
 from sdpgo_timm.runner.setup import setup_script_logging
 
@@ -29,9 +30,11 @@ class Session(TrainSession):
     def push(self, path: str) -> str:
         from sdpgo_timm.hub import HubError, push_checkpoint
         try:
-            return push_checkpoint(path, self.args.push_to_hub, use_ema=self.task.has_ema())
-        except HubError as e:  # the run is complete and saved; only the upload is left to do
-            raise PushFailed(f"{e}. The run itself is complete in {self.output_dir!r}: push it later with "
+            with self.preemption.raising():  # an upload has no step to stop at: a signal stops it at once
+                return push_checkpoint(path, self.args.push_to_hub, use_ema=self.task.has_ema())
+        except (HubError, Interrupted) as e:  # the run is complete and saved; only the upload is left to do
+            reason = f"the push was interrupted by {e}" if isinstance(e, Interrupted) else str(e)
+            raise PushFailed(f"{reason}. The run itself is complete in {self.output_dir!r}: push it later with "
                              f"python -m sdpgo_timm.hub push {path} {self.args.push_to_hub}") from None
 
 
@@ -42,8 +45,10 @@ def run(args, args_text: str, cleanup: ExitStack) -> dict:
 
 def main(argv=None) -> int:
     """The exit status of sdpgo_timm.runner.errors: 0 done, 1 trained but the Hub push failed, 2 bad input, 3
-    non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed, 130 a second Ctrl-C."""
+    non-finite loss, 4 preempted or Ctrl-C (resume with --resume auto), 5 a write failed, 6 out of memory, 130 a
+    second Ctrl-C."""
     setup_script_logging()
+    args = None
     try:
         args, args_text = parse_args(argv)
         with ExitStack() as cleanup:
@@ -54,6 +59,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input found by timm or torch while setting up
         _logger.error(f"error: {e}")
         return errors.BAD_INPUT
+    except (RuntimeError, MemoryError) as e:
+        oom = errors.out_of_memory(e, args.batch_size) if args is not None else None
+        if oom is None:
+            raise
+        _logger.error(oom.line())
+        return oom.exit_status
     except KeyboardInterrupt:
         _logger.error("error: interrupted twice (Ctrl-C): stopped at once, without a recovery checkpoint; the "
                       "checkpoints already written are intact")

@@ -110,6 +110,7 @@ def evaluate(args, path: str) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     setup_script_logging()
+    args = None
     try:
         args = parse_validate_args(argv)
         results, failed = [], 0
@@ -127,6 +128,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # options that do not fit, found by timm or torch
         _logger.error(f"error: {e}")
         return errors.BAD_INPUT
+    except (RuntimeError, MemoryError) as e:  # out of memory without --retry
+        oom = errors.out_of_memory(e, args.batch_size) if args is not None else None
+        if oom is None:
+            raise
+        _logger.error(oom.line())
+        return oom.exit_status
     print(f'--result\n{json.dumps(results, indent=4)}')
     return EvaluationFailed.exit_status if failed else errors.DONE
 

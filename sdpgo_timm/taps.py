@@ -90,11 +90,12 @@ class FeatureTaps:
         self._outputs = [None] * len(self.names)
         self._recording = True
 
-    def stop(self) -> List[torch.Tensor]:
+    def stop(self, check: bool = True) -> List[torch.Tensor]:
+        """The tapped outputs of the forward since `start()`; with `check`, a RuntimeError if one did not run."""
         self._recording = False
         outputs, self._outputs = self._outputs, [None] * len(self.names)
         missing = [n for n, o in zip(self.names, outputs) if o is None]
-        if missing:
+        if missing and check:
             raise RuntimeError(f"tapped layers {missing} did not run in the forward pass")
         return outputs
 
@@ -118,9 +119,10 @@ class TappedModel(nn.Module):
         self.taps.start()
         try:
             logits = self.model(input)
-        finally:
-            features = self.taps.stop()
-        return logits, features
+        except BaseException:  # a second Ctrl-C or an error mid-forward: stop recording and raise that, not the
+            self.taps.stop(check=False)  # taps that did not run
+            raise
+        return logits, self.taps.stop()
 
 
 def attach_grad_hooks(

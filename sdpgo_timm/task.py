@@ -91,6 +91,7 @@ class SDPGOTask(SelfDistillationTask):
             or 'views' (caller passes [replay; fresh] with sample indices).
         smoothing: label smoothing of the built-in per-sample cross-entropy.
         criterion: optional per-sample loss `(logits, target) -> (B,)` replacing it.
+        name: the method's name in the set-up log line (default: the class's; a preset's, e.g. DLB's).
 
     Call `task(input, target, index=None, loss_scale=1.0)`; `loss_scale` is the factor the
     returned loss is multiplied by before backward (AMP scale × 1/accumulation steps),
@@ -120,6 +121,7 @@ class SDPGOTask(SelfDistillationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            name: Optional[str] = None,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         num_classes = unwrap_model(model).num_classes
@@ -151,7 +153,8 @@ class SDPGOTask(SelfDistillationTask):
         self._weight_log: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # (index, α) for sample_weights
         if self.verbose:
             _logger.info(
-                f"SDPGOTask: tau={temperature} topk={topk} alpha_mode={alpha_mode} weighting={weighting} "
+                f"{name or type(self).__name__}: tau={temperature} topk={topk} alpha_mode={alpha_mode} "
+                f"weighting={weighting} "
                 f"replay={replay} taps={self.tap_layers}")
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SDPGOTask':

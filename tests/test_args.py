@@ -232,3 +232,15 @@ def test_our_args_yaml_uses_timms_key_names(tmp_path):
     ours_only = {'config', 'dist_backend', 'dist_url', 'push_to_hub', 'train_fraction', 'pad_crop', 'kd_checkpoint'}
     assert all(k.startswith(('sdpgo', 'pskd', 'skd', 'label_noise')) or k in ours_only
                for k in ours - timm_keys), sorted(ours - timm_keys)
+
+
+@pytest.mark.parametrize('text, key, value', [
+    ("mean: ['0.4', '0.5', '0.6']", 'mean', [0.4, 0.5, 0.6]),  # text that reads as numbers, in a list (argparse
+    ("lr: '0.2'", 'lr', 0.2),                                    # converts a one-value default only)
+    ('experiment: 2024', 'experiment', '2024'),                  # a number for a text option, as timm writes it
+    ('train_split: 7', 'train_split', '7'),
+])
+def test_yaml_values_take_the_options_type(text, key, value, tmp_path):
+    (tmp_path / 'c.yaml').write_text(text + '\n')
+    args, _ = parse_args(['digits', '-c', str(tmp_path / 'c.yaml')])
+    assert getattr(args, key) == value and type(getattr(args, key)) is type(value)

@@ -69,3 +69,11 @@ def test_registry_applies_dlb_values_over_options():
     assert (task.temperature, task.topk, task.alpha_mode, task.fixed_alpha, task.weighting) == tuple(
         DLB_PRESET[k] for k in ('temperature', 'topk', 'alpha_mode', 'alpha', 'weighting'))
     assert task.tap_layers == []
+
+
+def test_the_dlb_preset_logs_itself_as_dlb(caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    create_skd_task(timm.create_model('test_resnet', num_classes=4), 'dlb')
+    create_skd_task(timm.create_model('test_resnet', num_classes=4), 'sdpgo')
+    assert [r.getMessage().split(':')[0] for r in caplog.records] == ['dlb (a preset of SDPGOTask)', 'SDPGOTask']

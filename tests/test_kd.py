@@ -201,3 +201,35 @@ def test_bad_teacher_input_is_one_line_before_training(case, teachers, tmp_path,
     if case == 'not cached':
         assert 'A run never downloads its teacher: pass --kd-checkpoint PATH' in errors[0]
     assert not output.exists()
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # resnet10t's pretrained_cfg (test_resnet's: 0.5 / 0.5)
+
+
+@pytest.mark.parametrize('arch, saved, expected', [
+    # a train.py checkpoint: the normalisation its run trained with (its args), even where the student's differs
+    ('test_resnet', {'args': dict(mean=[0.2, 0.3, 0.4], std=[0.6, 0.7, 0.8])}, ((0.2, 0.3, 0.4), (0.6, 0.7, 0.8))),
+    # trained on the student's recipe (digits: 0.5 / 0.5): the student's input as it is
+    ('resnet10t', {'args': dict(mean=[0.5] * 3, std=[0.5] * 3)}, ((0.5,) * 3, (0.5,) * 3)),
+    # trained without --mean/--std: the teacher model's defaults, as its run resolved them
+    ('resnet10t', {'args': dict(mean=None, std=None)}, IMAGENET),
+    # weights only: nothing says otherwise, so the student's (a --kd-checkpoint is trained on the student's data)
+    ('resnet10t', {}, ((0.5,) * 3, (0.5,) * 3)),
+], ids=['its own args', 'the same recipe', 'model defaults', 'weights only'])
+def test_the_teacher_sees_its_input_normalised_as_it_was_trained(arch, saved, expected, teachers, tmp_path):
+    """timm renormalises from the student's pretrained_cfg to the teacher's (0.5 / 0.5 to ImageNet's for test_resnet
+    and resnet10t), which is neither what the student's input is (the digits recipe's 0.5 / 0.5) nor, for a teacher
+    trained by train.py, what the teacher saw in training."""
+    import argparse
+    path = teachers[arch]
+    state = safetensors.torch.load_file(str(path)) if path.suffix == '.safetensors' else torch.load(path)
+    path = tmp_path / 'teacher.pth.tar'
+    torch.save({'state_dict': state, **({'args': argparse.Namespace(**saved['args'])} if saved else {})}, path)
+    task, model = _task(['--kd-model-name', arch, '--kd-checkpoint', str(path)])
+    seen = []
+    task.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    torch.manual_seed(0)
+    input = torch.randn(4, 3, 16, 16)  # normalised with the recipe's 0.5 / 0.5
+    task(input, torch.randint(0, 10, (4,)))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in expected)
+    torch.testing.assert_close(seen[0], (input * 0.5 + 0.5 - mean) / std)

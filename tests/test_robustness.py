@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,7 +321,7 @@ class Case(NamedTuple):
     argv: Callable[['Inputs'], List[str]]
     message: str
     status: int = 2
-    fault: Optional[str] = None  # 'full disk' / 'nan loss': a failure injected during training
+    fault: Optional[str] = None  # 'full disk' / 'nan loss' / 'out of memory': a failure injected during training
 
 
 class Inputs(NamedTuple):
@@ -334,6 +335,9 @@ class Inputs(NamedTuple):
     other_val: Path  # an image folder whose validation split has other classes than its train split
     one_class: Path  # an image folder with a single class
     link_loop: Path  # an image folder with a link back to a folder above it
+    flat: Path  # class sub-folders without train/ and validation/ split folders
+    bad_val: Path  # an image folder whose validation split holds an unreadable image
+    grey: Path  # torchvision's Fashion-MNIST files (1-channel images) for --dataset torch/fashion_mnist
 
 
 def train_argv(inputs: Inputs, *argv: str, experiment: str = 'previous') -> List[str]:
@@ -436,7 +440,66 @@ CASES = {
     'train: two values for a three-value option in YAML': Case(
         'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'size_two.yaml'), experiment='new'),
         "input_size: [32, 32] in config file"),
+    # silently wrong results, third round: a batch that never fills, negative rates, splits that are not there
+    'train: a batch larger than the training set': Case(
+        'train', lambda i: train_argv(i, 'digits', '-b', '2000', experiment='new'),
+        '--batch-size 2000 is larger than the 1438 training images: an epoch would have no full batch'),
+    **{f'train: negative {flag}': Case('train', lambda i, flag=flag: train_argv(i, 'digits', flag, '-0.1',
+                                                                                 experiment='new'),
+                                       f'{flag} must be >= 0, got -0.1 (rates, decays and momenta are never negative)')
+       for flag in ('--warmup-lr', '--weight-decay', '--momentum', '--min-lr', '--lr-base', '--decay-rate',
+                    '--layer-decay', '--clip-grad')},
+    'train: torch/image_folder without split folders': Case(
+        'train', lambda i: train_argv(i, str(i.flat), '--dataset', 'torch/image_folder', experiment='new'),
+        "split 'train' not found in"),
+    # raw tracebacks that are one line now
+    'train: --smoothing 1.0': Case('train', lambda i: train_argv(i, 'digits', '--smoothing', '1.0', experiment='new'),
+                                   '--smoothing must be in [0, 1), got 1.0'),
+    'train: --drop-path 1': Case('train', lambda i: train_argv(i, 'digits', '--drop-path', '1', experiment='new'),
+                                 '--drop-path must be in [0, 1), got 1.0'),
+    'train: --reprob above 1': Case('train', lambda i: train_argv(i, 'digits', '--reprob', '1.5', experiment='new'),
+                                    '--reprob must be in [0, 1], got 1.5'),
+    'train: Mixup with an odd batch': Case(
+        'train', lambda i: train_argv(i, 'digits', '--mixup', '0.2', '-b', '33', experiment='new'),
+        'Mixup/CutMix mixes each image with another of its batch, so batches must be even: --batch-size 33'),
+    'train: --cutmix-minmax with one value': Case(
+        'train', lambda i: train_argv(i, 'digits', '--cutmix-minmax', '0.3', experiment='new'),
+        '--cutmix-minmax takes two shares of the image side, MIN < MAX in [0, 1], got [0.3]'),
+    'train: --cutmix-minmax with min > max': Case(
+        'train', lambda i: train_argv(i, 'digits', '--cutmix-minmax', '0.8', '0.2', experiment='new'),
+        '--cutmix-minmax takes two shares of the image side, MIN < MAX in [0, 1], got [0.8, 0.2]'),
+    'train: a numeric key in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'number_key.yaml'), experiment='new'),
+        "key 1 in config file"),
+    'train: a YAML value outside the choices': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'choice.yaml'), experiment='new'),
+        "sdpgo_weighting: 'sum' in config file"),
+    'train: words for a list of numbers in YAML': Case(
+        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'model_list.yaml'), experiment='new'),
+        "opt_betas: ['a', 'b'] in config file"),
+    'train: unknown torchvision data set': Case(
+        'train', lambda i: train_argv(i, str(i.data), '--dataset', 'torch/cifar11', experiment='new'),
+        "--dataset 'torch/cifar11': timm knows no torchvision data set 'cifar11'; use one of torch/cifar10"),
+    'train: a torchvision data set that is not there (offline)': Case(
+        'train', lambda i: train_argv(i, str(i.empty), '--dataset', 'torch/cifar10', experiment='new'),
+        "--dataset 'torch/cifar10' split 'train' cannot be loaded from"),
+    'train: a 1-channel torchvision set on a 3-channel model': Case(
+        'train', lambda i: train_argv(i, str(i.grey), '--dataset', 'torch/fashion_mnist', experiment='new'),
+        "--dataset 'torch/fashion_mnist' has 1-channel images, the model takes 3: pass --in-chans 1"),
+    'train: --class-map that does not exist': Case(
+        'train', lambda i: train_argv(i, str(i.data), '--class-map', 'nothere.txt', experiment='new'),
+        "--class-map 'nothere.txt' is not a file"),
+    'train: out of memory': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '-b', '128', '--epochs', '2', experiment='oom'),
+        'out of memory at --batch-size 128 (an allocation of 2.00 GiB failed): lower --batch-size', status=6,
+        fault='out of memory'),
     # validate.py
+    'validate: an unreadable validation image': Case(
+        'validate', lambda i: [str(i.bad_val), '--model', 'test_resnet', '--num-classes', '3'],
+        "evaluation image '{bad_val}/validation/dog/dog_2.png' cannot be read"),
+    'validate: --results-file into a missing folder': Case(
+        'validate', lambda i: ['digits', '--model', 'test_resnet', '--results-file', str(i.root / 'no' / 'r.csv')],
+        "--results-file '{root}/no/r.csv': its folder '{root}/no' does not exist"),
     'validate: non-finite option': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-pct', 'inf'],
                                         '--crop-pct must be a finite number, got inf'),
     'validate: classes differ from the checkpoint\'s': Case(
@@ -461,6 +524,10 @@ CASES = {
         'hub', lambda i: ['push', str(i.previous / 'last.pth.tar'), 'sdpgo/x', '--args-yaml',
                           str(i.root / 'list.yaml')],
         'is not an args.yaml written by training'),
+    'hub: a damaged summary.csv': Case(
+        'hub', lambda i: ['push', str(i.previous / 'last.pth.tar'), 'sdpgo/x', '--summary-csv',
+                          str(i.root / 'damaged.csv')],
+        "summary file '{root}/damaged.csv' is damaged (ValueError: could not convert string to float"),
 }
 
 
@@ -478,6 +545,10 @@ def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
     (tmp_path / 'lr_list.yaml').write_text('lr: [0.1, 0.2]\n')
     (tmp_path / 'amp_word.yaml').write_text("amp: 'sure'\n")
     (tmp_path / 'size_two.yaml').write_text('input_size: [32, 32]\n')
+    (tmp_path / 'number_key.yaml').write_text('1: 2\n')
+    (tmp_path / 'choice.yaml').write_text('sdpgo_weighting: sum\n')
+    (tmp_path / 'model_list.yaml').write_text('opt_betas: [a, b]\n')
+    (tmp_path / 'damaged.csv').write_bytes(b'epoch,eval_top1\n0,98\x00\x00\n')
     (tmp_path / 'a_file').write_text('')
     shutil.copy(sdpgo_run / 'checkpoint-0.pth.tar', tmp_path / 'elsewhere.pth.tar')
     corrupt = [f'train/fox/fox_{i}.png' for i in range(8)]
@@ -489,9 +560,22 @@ def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
             shutil.rmtree(one_class / split / name)
     link_loop = _image_folder_with_corrupt(image_folder, tmp_path / 'link_loop', [])
     (link_loop / 'train' / 'fox' / 'more').symlink_to(link_loop / 'train')
+    flat = _image_folder_with_corrupt(image_folder / 'train', tmp_path / 'flat', [])
+    bad_val = _image_folder_with_corrupt(image_folder, tmp_path / 'bad_val', ['validation/dog/dog_2.png'])
     return Inputs(tmp_path, previous, image_folder, tmp_path / 'empty',
                   _image_folder_with_corrupt(image_folder, tmp_path / 'corrupt', corrupt), truncated,
-                  tmp_path / 'a_file', other_val, one_class, link_loop)
+                  tmp_path / 'a_file', other_val, one_class, link_loop, flat, bad_val, _torchvision_grey(tmp_path))
+
+
+def _torchvision_grey(root: Path) -> Path:
+    """torchvision's raw Fashion-MNIST files (uncompressed IDX, 20 images each), as its FashionMNIST reads them."""
+    raw = root / 'grey' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for part in ('train', 't10k'):
+        for kind, array in (('images-idx3', np.zeros((20, 28, 28), np.uint8)), ('labels-idx1', np.arange(20) % 10)):
+            header = b'\x00\x00\x08' + bytes([array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+            (raw / f'{part}-{kind}-ubyte').write_bytes(header + array.astype(np.uint8).tobytes())
+    return root / 'grey'
 
 
 def _inject(fault: str, root: Path, monkeypatch) -> Dict[str, Dict[str, str]]:
@@ -500,6 +584,20 @@ def _inject(fault: str, root: Path, monkeypatch) -> Dict[str, Dict[str, str]]:
     snapshot = lambda: at_failure.setdefault('hashes', hashes(root))  # noqa: E731
     if fault in ('full disk', 'zip writer full disk'):  # epoch 0's checkpoint, then epoch 1's
         monkeypatch.setattr(torch, 'save', _full_disk_save(2, snapshot, zip_writer=fault.startswith('zip')))
+    elif fault == 'out of memory':  # the CPU allocator's error, in the third step of epoch 1
+        from sdpgo_timm.task import SDPGOTask
+        real_forward = SDPGOTask.forward
+        steps = []
+
+        @functools.wraps(real_forward)
+        def forward(self, *args, **kwargs):
+            steps.append(1)
+            if len(steps) == 22 + 3:
+                snapshot()
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+            return real_forward(self, *args, **kwargs)
+        monkeypatch.setattr(SDPGOTask, 'forward', forward)
     else:
         from sdpgo_timm.task import SDPGOTask
         real_forward = SDPGOTask.forward
@@ -520,6 +618,7 @@ def _inject(fault: str, root: Path, monkeypatch) -> Dict[str, Dict[str, str]]:
 @pytest.mark.parametrize('case', list(CASES))
 def test_bad_input(case, inputs, error_lines, capsys, monkeypatch, fake_hub):  # noqa: F811
     tool, argv, message, status, fault = CASES[case]
+    message = message.format(root=inputs.root, bad_val=inputs.bad_val)
     before = hashes(inputs.root)
     at_failure = _inject(fault, inputs.root / 'runs', monkeypatch) if fault else {}
     if tool == 'hub':
@@ -691,3 +790,139 @@ def test_weights_files_timm_reads_work_for_initial_checkpoint_and_validate(sdpgo
                       str(tmp_path / 'w.safetensors'), '--output', str(tmp_path), '--experiment', 'init']) == 0
     trained = load_checkpoint_file(str(tmp_path / 'init' / 'last.pth.tar'))['state_dict']
     assert all(torch.equal(trained[k], weights[k]) for k in weights if k.endswith('.weight'))  # lr 0: as loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folders that hold more than their classes' images: each class keeps its own images, nothing becomes a class
+
+
+def _hidden_ipynb(root: Path) -> None:  # Jupyter's copies inside a class folder
+    (root / 'train' / 'cat' / '.ipynb_checkpoints').mkdir()
+    shutil.copy(root / 'train' / 'dog' / 'dog_0.png', root / 'train' / 'cat' / '.ipynb_checkpoints' / 'dog_0.png')
+
+
+def _hidden_macosx(root: Path) -> None:  # a zip made on macOS: __MACOSX/<class>/._<image>, AppleDouble files
+    (root / 'train' / '__MACOSX' / 'dog').mkdir(parents=True)
+    shutil.copy(root / 'train' / 'cat' / 'cat_0.png', root / 'train' / '__MACOSX' / 'dog' / '._dog_0.png')
+
+
+def _hidden_file(root: Path) -> None:  # an AppleDouble file beside the images of a class
+    shutil.copy(root / 'train' / 'dog' / 'dog_0.png', root / 'train' / 'fox' / '._fox_0.png')
+
+
+@pytest.mark.parametrize('dataset', ['', 'torch/image_folder'])
+@pytest.mark.parametrize('hide', [_hidden_ipynb, _hidden_macosx, _hidden_file], ids=['ipynb', 'macosx', 'file'])
+def test_hidden_folders_and_files_are_no_images_of_a_class(image_folder, tmp_path, dataset, hide, caplog):
+    from sdpgo_timm.data.factory import create_split_dataset, dataset_classes, dataset_num_classes
+    from sdpgo_timm.runner.args import parse_args
+    data = _image_folder_with_corrupt(image_folder, tmp_path / 'data', [])
+    hide(data)
+    args, _ = parse_args([str(data), '--dataset', dataset])
+    train = create_split_dataset(args, 'train', is_training=True)
+    assert dataset_classes(train) == ['cat', 'dog', 'fox'] and dataset_num_classes(train) == 3  # not timm's 1000
+    samples = train.reader.samples if hasattr(train, 'reader') else train.samples
+    assert len(samples) == 24 and all(Path(path).parent.name == ('cat', 'dog', 'fox')[target]
+                                      for path, target in samples)
+    assert any('Left out 1 file(s) in hidden folders or with hidden names' in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images that cannot be read: training skips and counts them; evaluation refuses (a score must not count another)
+
+
+def _bomb(path: Path, monkeypatch) -> None:
+    """A 64x64 image where PIL's limit is 1500 pixels: twice over it, so PIL raises DecompressionBombError."""
+    from PIL import Image
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1500)
+    Image.new('RGB', (64, 64)).save(path)
+
+
+def _corrupt(path: Path, monkeypatch) -> None:
+    path.write_bytes(b'not a png')
+
+
+@pytest.mark.parametrize('damage', [_corrupt, _bomb], ids=['corrupt', 'decompression bomb'])
+def test_an_unreadable_image_is_skipped_in_training_and_refused_in_evaluation(
+        image_folder, tmp_path, damage, caplog, error_lines):
+    data = _image_folder_with_corrupt(image_folder, tmp_path / 'data', [])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        damage(data / 'train' / 'cat' / 'cat_3.png', monkeypatch)
+        assert run_train([str(data), *FAST, '-b', '8', '--epochs', '1', '--output', str(tmp_path),
+                          '--experiment', 'run']) == 0
+        assert int(summary(tmp_path / 'run')[0]['train_skipped']) == 1
+        damage(data / 'validation' / 'fox' / 'fox_1.png', monkeypatch)
+        assert run_train([str(data), *FAST, '-b', '8', '--epochs', '1', '--output', str(tmp_path),
+                          '--experiment', 'val']) == 2
+        assert error_lines()[-1].startswith(f"error: evaluation image '{data / 'validation' / 'fox' / 'fox_1.png'}' "
+                                            "cannot be read")
+        assert run_validate([str(data), '--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--workers', '2']) == 2
+        assert error_lines()[-1].startswith(f"error: evaluation image '{data / 'validation' / 'fox' / 'fox_1.png'}' "
+                                            "cannot be read") and '\n' not in error_lines()[-1]  # from a worker too
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Signals: a closed terminal saves like SIGTERM; an upload stops at once; an interrupt is never replaced
+
+
+@pytest.mark.parametrize('signum', [signal.SIGHUP, signal.SIGUSR1], ids=['SIGHUP', 'SIGUSR1'])
+def test_a_closed_terminal_or_slurm_signal_saves_a_recovery_checkpoint(signum, tmp_path, monkeypatch, error_lines):
+    _signal_at_step(monkeypatch, 3, [signum])
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'hup']) == 4
+    assert re.search(rf'preempted by {signal.Signals(signum).name} after step 3 of epoch 0', error_lines()[-1])
+    saved, = recovery_files(tmp_path / 'hup')
+    assert load_checkpoint_file(str(saved))['position']['step'] == 3
+
+
+def test_sigterm_during_the_push_stops_it_at_once_and_keeps_the_run(tmp_path, monkeypatch, error_lines):
+    import sdpgo_timm.hub
+    import time
+    pushed = []
+
+    def push(*args, **kwargs):  # an upload that would take long: the signal must end it, not wait for it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        pushed.append(1)
+    monkeypatch.setattr(sdpgo_timm.hub, 'check_push_target', lambda repo_id: None)
+    monkeypatch.setattr(sdpgo_timm.hub, 'push_checkpoint', push)
+    started = time.monotonic()
+    assert run_train(['digits', *FAST, '-b', '128', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'p',
+                      '--push-to-hub', 'sdpgo/x']) == 1
+    assert time.monotonic() - started < 25 and not pushed
+    assert error_lines()[-1].startswith('error: the push was interrupted by SIGTERM. The run itself is complete')
+    assert 'python -m sdpgo_timm.hub push' in error_lines()[-1]
+    assert (tmp_path / 'p' / 'model_best.pth.tar').is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_ctrl_c_during_a_hub_push_is_one_line(sdpgo_run, monkeypatch, capsys):
+    from sdpgo_timm.hub import push as push_module
+
+    def push(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(push_module, 'push_checkpoint', push)
+    assert hub.main(['push', str(sdpgo_run / 'last.pth.tar'), 'sdpgo/x']) == 130
+    error, = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith('error: interrupted (Ctrl-C) during the push')
+
+
+def test_resuming_a_finished_run_says_nothing_is_left_and_trains_nothing(sdpgo_run, tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    shutil.copytree(sdpgo_run, tmp_path / 'sdpgo')
+    before = hashes(tmp_path)
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'sdpgo', '--resume', 'auto']) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert 'Nothing left to train: resumed at epoch 2 of 2; raise --epochs to train on' in lines
+    assert not any(line.startswith(('Training test_resnet', 'Scheduled epochs')) for line in lines)
+    assert '--result' not in capsys.readouterr().out  # no empty list of evaluated epochs
+    changed = {name for name in before if hashes(tmp_path)[name] != before[name]}
+    assert changed == {'sdpgo/args.yaml'}  # the new command line (--resume auto); no checkpoint, no summary row
+
+
+def test_an_hfds_data_set_that_cannot_load_offline_is_one_line(image_folder, tmp_path, monkeypatch, error_lines):
+    """Without the `datasets` package (ImportError), or with it but offline and not cached: one line either way."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    assert run_train([str(image_folder), *FAST, '--dataset', 'hfds/sdpgo/none', '--output', str(tmp_path)]) == 2
+    error, = error_lines()
+    assert error.startswith("error: --dataset 'hfds/sdpgo/none' split 'train' cannot be loaded from") and \
+        'it needs the `datasets` package' in error

@@ -104,3 +104,20 @@ def test_step_leaves_no_tapped_feature_alive():
         task(x, y)['loss'].backward()
     gc.collect()
     assert task.cache.alpha is not None and [r() is None for r in refs] == [True, True]
+
+
+@pytest.mark.parametrize('interrupt', [KeyboardInterrupt, RuntimeError('CUDA error')], ids=['Ctrl-C', 'error'])
+def test_an_interrupt_inside_a_tapped_forward_is_raised_as_it_is(interrupt):
+    """A second Ctrl-C (or any error) in the middle of the forward: the taps that did not run are not the error."""
+    from sdpgo_timm.taps import TappedModel
+    model = timm.create_model('test_resnet', num_classes=4)
+    tapped = TappedModel(model, default_tap_layers(model))
+
+    def stop(module, args):
+        raise interrupt
+    handle = model.layer1.register_forward_pre_hook(stop)  # before the tapped layers run
+    with pytest.raises(interrupt if isinstance(interrupt, type) else type(interrupt)):
+        tapped(torch.randn(2, 3, 16, 16))
+    handle.remove()
+    logits, features = tapped(torch.randn(2, 3, 16, 16))  # taps still work afterwards
+    assert logits.shape == (2, 4) and len(features) == 2

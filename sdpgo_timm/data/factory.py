@@ -7,11 +7,13 @@ from typing import List, Optional, Sequence
 from torch.utils.data import Dataset
 
 from timm.data import ImageDataset, create_dataset
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils import natural_key
 
 from .benchmarks import IN_MEMORY, resolve_data_dir
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset
-from .images import CheckedImageDataset, check_folder_links, check_readable_classes
+from .images import CheckedImageDataset, check_folder_links, check_readable_classes, drop_hidden
 
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 _TRAIN_SPLITS = ('train', 'training')
@@ -69,34 +71,97 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
         if getattr(args, name, off) != off:
             flag = '--' + name.replace('_', '-')
             raise ValueError(f"{flag} is supported on the in-memory benchmarks only ({', '.join(IN_MEMORY)})")
-    if not args.dataset and not any(os.scandir(data_dir)):
+    prefix, _, name = args.dataset.partition('/')
+    torch_folder = prefix.lower() == 'torch' and name.lower() in ('image_folder', 'folder')
+    if prefix.lower() == 'torch' and name.lower() not in TORCH_DATASETS:
+        raise ValueError(f"--dataset {args.dataset!r}: timm knows no torchvision data set {name!r}; use one of "
+                         f"{', '.join('torch/' + n for n in TORCH_DATASETS)}")
+    if (not args.dataset or torch_folder) and not any(os.scandir(data_dir)):
         raise ValueError(f"data folder {data_dir!r} is empty; it must hold class sub-folders (ImageFolder)")
-    if not args.dataset:
+    if not args.dataset or torch_folder:
         _check_folder_split(data_dir, split)
         check_folder_links(data_dir)
+    class_map = _class_map_path(args.class_map, data_dir)
     num_samples = getattr(args, 'train_num_samples' if is_training else 'val_num_samples', None)
     # timm repeats streaming datasets itself; the training loader repeats indexable ones (runner.batches)
     repeats = getattr(args, 'epoch_repeats', 0) if is_training else 0
-    dataset = create_dataset(
-        args.dataset, root=data_dir, split=split, is_training=is_training, class_map=args.class_map,
-        download=args.dataset_download, batch_size=args.batch_size, seed=seed, repeats=repeats,
-        num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB', input_key=args.input_key,
-        target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    try:
+        dataset = create_dataset(
+            args.dataset, root=data_dir, split=split, is_training=is_training, class_map=class_map,
+            download=args.dataset_download, batch_size=args.batch_size, seed=seed, repeats=repeats,
+            num_samples=num_samples, input_img_mode=args.input_img_mode or 'RGB', input_key=args.input_key,
+            target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    except Exception as e:  # torchvision, datasets, webdataset, ...: each fails in its own way on missing data
+        if not args.dataset:
+            raise
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise ValueError(f"--dataset {args.dataset!r} split {split!r} cannot be loaded from {data_dir!r} ({reason}); "
+                         f"{_dataset_fix(prefix.lower())}") from None
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise ValueError(f"split {split!r} of {data_dir!r} holds no images")
+    if isinstance(dataset, ImageDataset) and isinstance(dataset.reader, ReaderImageFolder):
+        dataset.reader.samples, dataset.reader.class_to_idx = drop_hidden(
+            dataset.reader.samples, dataset.reader.class_to_idx, dataset.reader.root, natural_key,
+            keep_classes=bool(class_map))
+    elif torch_folder:
+        dataset.samples, dataset.class_to_idx = drop_hidden(dataset.samples, dataset.class_to_idx, dataset.root,
+                                                             lambda name: name)
+        dataset.imgs, dataset.targets = dataset.samples, [target for _, target in dataset.samples]
+        dataset.classes = sorted(dataset.class_to_idx, key=dataset.class_to_idx.get)
     if isinstance(dataset, ImageDataset):
-        dataset = CheckedImageDataset(dataset)
+        dataset = CheckedImageDataset(dataset, strict=not is_training)
         check_readable_classes(dataset)
+    elif prefix.lower() == 'torch':
+        _check_channels(args, dataset)
     return dataset
+
+
+# timm's torchvision data sets (`--dataset torch/NAME`, timm.data.create_dataset)
+TORCH_DATASETS = ('cifar10', 'cifar100', 'mnist', 'kmnist', 'fashion_mnist', 'qmnist', 'inaturalist', 'inat',
+                  'places365', 'imagenet', 'image_folder', 'folder')
+
+
+def _class_map_path(class_map: str, data_dir: str) -> str:
+    """--class-map as timm finds it (as given, else under the data folder); a ValueError where timm would assert."""
+    if not class_map:
+        return class_map
+    path = class_map if os.path.exists(class_map) else os.path.join(data_dir, class_map)
+    if not os.path.isfile(path):
+        raise ValueError(f"--class-map {class_map!r} is not a file (nor under {data_dir!r}); pass a .txt of class "
+                         "names, one a line, or leave it out")
+    if os.path.splitext(path)[1].lower() not in ('.txt', '.pkl'):
+        raise ValueError(f"--class-map {class_map!r} must be a .txt (class names, one a line) or a .pkl file")
+    return path
+
+
+def _dataset_fix(prefix: str) -> str:
+    """What to do when timm's create_dataset cannot load a `prefix/` data set."""
+    if prefix == 'torch':
+        return ("put torchvision's files for it in --data-dir, or add --dataset-download (needs the network), and "
+                "check the split name")
+    if prefix in ('hfds', 'hfids'):
+        return ("it needs the `datasets` package and, offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), the data set in "
+                "the Hugging Face cache; check the name and split")
+    return "check the name, the split, --data-dir and that the data set's package is installed"
+
+
+def _check_channels(args: argparse.Namespace, dataset: Dataset) -> None:
+    """A ValueError for a torchvision data set of grey images trained by a colour model (or the reverse): torchvision
+    gives its images as they are stored, and the model would fail at its first layer."""
+    image = dataset[0][0]
+    channels = len(image.getbands()) if hasattr(image, 'getbands') else None
+    expected = args.input_size[0] if args.input_size else args.in_chans or 3  # timm: input_size wins
+    if channels is not None and channels != expected:
+        raise ValueError(f"--dataset {args.dataset!r} has {channels}-channel images, the model takes {expected}: pass "
+                         f"--in-chans {channels} (and --mean/--std of {channels} values)")
 
 
 def dataset_num_classes(dataset: Dataset) -> Optional[int]:
     """Number of classes a dataset declares, if it does."""
     if hasattr(dataset, 'num_classes'):
         return dataset.num_classes
-    reader = getattr(dataset, 'reader', None)
-    class_to_idx = getattr(reader, 'class_to_idx', None)
-    return len(class_to_idx) if class_to_idx else None
+    classes = dataset_classes(dataset)
+    return len(classes) if classes else None
 
 
 def dataset_classes(dataset: Dataset) -> Optional[List[str]]:

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from collections import defaultdict
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -51,18 +51,37 @@ class SkippedImages:
         self._view()[state['indices'].numpy()] = 1
 
 
-class CheckedImageDataset(ImageDataset):
-    """timm's ImageDataset (same reader, transforms and skipping) naming and counting the files it skips."""
+# what PIL raises for a file it cannot decode: OSError (UnidentifiedImageError, truncation), SyntaxError and
+# ValueError from some format plugins, and DecompressionBombError (not an OSError) for an image of absurd size
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
-    def __init__(self, dataset: ImageDataset):
+
+class UnreadableImageError(ValueError):
+    """An evaluation image that cannot be read: scoring another image in its place would be a wrong result."""
+
+    def __init__(self, message: str):
+        # torch's DataLoader re-raises a worker's exception as its type, built from a message holding the worker's
+        # traceback; the error is our last line of it
+        if '\n' in message:
+            message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+        super().__init__(message)
+
+
+class CheckedImageDataset(ImageDataset):
+    """timm's ImageDataset (same reader, transforms and skipping) naming and counting the files it skips; with
+    `strict` (evaluation) an unreadable file is an UnreadableImageError instead: a score must not count another
+    image in its place."""
+
+    def __init__(self, dataset: ImageDataset, strict: bool = False):
         super().__init__(
             root=None, reader=dataset.reader, load_bytes=dataset.load_bytes, input_img_mode=dataset.input_img_mode,
             transform=dataset.transform, target_transform=dataset.target_transform,
             additional_features=dataset.additional_features)
         self.skipped = SkippedImages(len(self))
+        self.strict = strict
 
     def load(self, index: int):
-        """(image, target, *features) of one sample, as timm reads it; OSError when it cannot be read."""
+        """(image, target, *features) of one sample, as timm reads it; one of UNREADABLE when it cannot be read."""
         img, target, *features = self.reader[index]
         if self.load_bytes:
             img = img.read()
@@ -77,8 +96,12 @@ class CheckedImageDataset(ImageDataset):
             try:
                 img, target, *features = self.load(index)
                 break
-            except OSError as e:
+            except UNREADABLE as e:
                 name = self.filename(index, absolute=True)
+                if self.strict:
+                    raise UnreadableImageError(
+                        f"evaluation image {name!r} cannot be read ({' '.join(str(e).split())}); it is not skipped, "
+                        "since a score must not count another image in its place: replace or remove it") from None
                 _logger.warning(f"Skipped unreadable image {name!r} (sample {index}): {e}")
                 self.skipped.mark(index)
                 index = (index + 1) % len(self.reader)
@@ -110,7 +133,7 @@ def check_readable_classes(dataset: CheckedImageDataset) -> None:
             try:
                 dataset.load(index)
                 break
-            except OSError as e:
+            except UNREADABLE as e:
                 name = dataset.filename(index, absolute=True)
                 first_error = first_error or f"{name!r}: {' '.join(str(e).split())}"
         else:
@@ -142,3 +165,28 @@ def check_folder_links(root: str) -> None:
                                  "than once, under other class names. Remove the link or copy the images")
             seen[real] = entry.path
             pending.append(entry.path)
+
+
+def _hidden(path: str, root: str) -> bool:
+    """Whether a file lies under (or is) a hidden entry of `root`: a dot name, or macOS's `__MACOSX` archive folder."""
+    return any(part.startswith('.') or part == '__MACOSX' for part in os.path.relpath(path, root).split(os.sep))
+
+
+def drop_hidden(samples: List[Tuple[str, int]], class_to_idx: Dict[str, int], root: str, sort_key: Callable,
+                keep_classes: bool = False) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
+    """`samples` and `class_to_idx` of an image folder without files in hidden folders (`.ipynb_checkpoints`,
+    `__MACOSX`, ...) or with hidden names (`._cat.png`): a folder reader takes such a folder for a class of its own,
+    or its copies for images of the class it is named after. Classes are indexed again as the reader indexes them
+    (`sort_key` over the names left), unless they come from a class map (`keep_classes`). Logs what it leaves out."""
+    kept = [s for s in samples if not _hidden(s[0], root)]
+    if len(kept) == len(samples):
+        return samples, class_to_idx
+    first = next(s[0] for s in samples if _hidden(s[0], root))
+    _logger.warning(f"Left out {len(samples) - len(kept)} file(s) in hidden folders or with hidden names (first "
+                    f"{first!r}): they are no images of a class")
+    if keep_classes:
+        return kept, class_to_idx
+    names = {index: name for name, index in class_to_idx.items()}
+    classes = sorted({names[target] for _, target in kept}, key=sort_key)
+    new_index = {name: i for i, name in enumerate(classes)}
+    return [(path, new_index[names[target]]) for path, target in kept], new_index

@@ -241,17 +241,22 @@ def _read_summary(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ValueError(f'summary file {str(path)!r} does not exist: pass the run\'s summary.csv, or leave '
                          '--summary-csv out (the one beside the checkpoint is used when there is one).')
-    with path.open(newline='', encoding='utf-8') as f:
-        rows = [r for r in csv.DictReader(f) if r.get('eval_top1')]
-    if not rows:
-        return {}
-    best = max(rows, key=lambda r: float(r['eval_top1']))
-    epochs = len({r.get('epoch', i) for i, r in enumerate(rows)})  # a resumed run may repeat an epoch
-    metrics = dict(top1=round(float(best['eval_top1']), 3), epochs=epochs)
-    if best.get('epoch'):
-        metrics['best_epoch'] = int(best['epoch'])
-    if best.get('eval_top5'):
-        metrics['top5'] = round(float(best['eval_top5']), 3)
+    try:
+        with path.open(newline='', encoding='utf-8') as f:
+            rows = [r for r in csv.DictReader(f) if r.get('eval_top1')]
+        if not rows:
+            return {}
+        best = max(rows, key=lambda r: float(r['eval_top1']))
+        epochs = len({r.get('epoch', i) for i, r in enumerate(rows)})  # a resumed run may repeat an epoch
+        metrics = dict(top1=round(float(best['eval_top1']), 3), epochs=epochs)
+        if best.get('epoch'):
+            metrics['best_epoch'] = int(best['epoch'])
+        if best.get('eval_top5'):
+            metrics['top5'] = round(float(best['eval_top5']), 3)
+    except (csv.Error, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise ValueError(f"summary file {str(path)!r} is damaged ({type(e).__name__}: {' '.join(str(e).split())}): "
+                         "pass a summary.csv written by training with --summary-csv, or move the damaged one "
+                         "away") from None
     return metrics
 
 
@@ -418,5 +423,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except HubError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the Hub makes a commit whole or not at all
+        print('error: interrupted (Ctrl-C) during the push: the Hub makes a commit whole or not at all, so the '
+              'repository holds this push only if its commit was made; run the same command again (unchanged files '
+              'make no new commit)', file=sys.stderr)
+        return 130
     print(url)
     return 0

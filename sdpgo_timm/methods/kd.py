@@ -7,20 +7,24 @@ teacher), and input a task cannot use is one ValueError line before training. Te
 self-distillation (--sdpgo/--skd) are alternatives (`sdpgo_timm.methods.resolve_method`).
 """
 import argparse
+import logging
 import os
 import pickle
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
+from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, parse_model_name
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
 
 from ..pretrained import check_model_name, ensure_cached
 from .base import Method
 from .ce import plain_criterion
+
+_logger = logging.getLogger(__name__)
 
 
 def check_teacher_weights(name: str, checkpoint: Optional[str]) -> None:
@@ -97,8 +101,55 @@ def create_teacher_task(
                          "on these classes")
     if args.kd_distill_type == 'feature':
         check_feature_dims(args, model, task.teacher.model)
+    # timm renormalises the student's input from the student's pretrained_cfg to the teacher's; both may differ from
+    # what the two were trained with (a recipe's --mean/--std), so each side's is set to its own
+    student_mean, student_std = _normalisation(vars(args), model)
+    teacher_mean, teacher_std, source = teacher_normalisation(
+        checkpoint, task.teacher.model, (student_mean, student_std))
+    for module, mean_name, std_name, mean, std in ((task, 'student_mean', 'student_std', student_mean, student_std),
+                                                   (task.teacher, 'mean_kd', 'std_kd', teacher_mean, teacher_std)):
+        buffer = getattr(module, mean_name)
+        setattr(module, mean_name, torch.tensor(mean, device=buffer.device, dtype=buffer.dtype).view(1, -1, 1, 1))
+        setattr(module, std_name, torch.tensor(std, device=buffer.device, dtype=buffer.dtype).view(1, -1, 1, 1))
+    if getattr(args, 'rank', 0) == 0:
+        target = ('as it is' if (teacher_mean, teacher_std) == (student_mean, student_std) else
+                  f"renormalised to mean {tuple(teacher_mean)}, std {tuple(teacher_std)}")
+        _logger.info(f"Teacher input: the student's (mean {tuple(student_mean)}, std {tuple(student_std)}) {target} "
+                     f"({source})")
     task.loss_parts = ('task_loss', kd_part)
     return task
+
+
+def _normalisation(saved_args: Dict[str, Any], model: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) a model's input was normalised with in training: its args' data config, as train.py resolves it."""
+    config = resolve_data_config(saved_args, model=model)
+    return tuple(config['mean']), tuple(config['std'])
+
+
+def _saved_args(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The training args of a train.py checkpoint; None for a weights-only file (a state dict, .safetensors). Data
+    only (weights_only); the file already loaded as the teacher's weights."""
+    if checkpoint.endswith('.safetensors'):
+        return None
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    saved = data.get('args') if isinstance(data, dict) else None
+    if saved is None:
+        return None
+    return vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
+
+
+def teacher_normalisation(checkpoint: Optional[str], teacher: nn.Module, student: Tuple[Sequence[float], ...]
+                          ) -> Tuple[Sequence[float], Sequence[float], str]:
+    """(mean, std, where they come from) of the input the teacher was trained on: a train.py checkpoint's own
+    training args; for a weights-only file, the student's (a --kd-checkpoint is trained on the student's data, and
+    nothing says with what else); for timm's pretrained weights, their pretrained_cfg (as timm)."""
+    if not checkpoint:
+        return (*_normalisation({}, teacher), "timm's pretrained_cfg of the teacher")
+    saved = _saved_args(checkpoint)
+    if saved is None:
+        return (*student, "the student's: --kd-checkpoint holds weights only, no training args")
+    return (*_normalisation(saved, teacher), "the teacher checkpoint's training args")
 
 
 def check_feature_dims(args: argparse.Namespace, student: nn.Module, teacher: nn.Module) -> None:

@@ -465,6 +465,10 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
     actions = {a.dest: a for a in parser._actions}
+    keys = [k for k in cfg if not isinstance(k, str)]
+    if keys:
+        raise ConfigError(f"key {keys[0]!r} in config file {path!r} is not an option name; keys are option names "
+                          "such as 'batch_size'")
     unknown = sorted(k for k in cfg if k.replace('-', '_') not in actions)
     if unknown:
         raise ConfigError(
@@ -472,9 +476,33 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
             f"'sdpgo_topk' (see --help)")
     cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
     for key, value in cfg.items():
-        cfg[key] = _check_yaml_shape(key, value, actions[key], path)
-        _check_yaml_number(key, cfg[key], actions[key], path)
+        cfg[key] = _yaml_value(key, _check_yaml_shape(key, value, actions[key], path), actions[key], path)
     return cfg
+
+
+def _yaml_value(key: str, value: Any, action: argparse.Action, path: str) -> Any:
+    """A YAML value as the command line would give it: text that reads as a number becomes that number, a number
+    for a text option its text (as timm writes it, e.g. `experiment: 2024`); a ConfigError for a value the option
+    cannot take (argparse checks neither a default's type in a list nor its choices)."""
+    _check_yaml_number(key, value, action, path)
+    if value is None or isinstance(value, dict):
+        return value
+    many = isinstance(value, list)
+    items = value if many else [value]
+    if action.type in (int, float):
+        items = [action.type(item) for item in items]
+    elif action.type in (str, None) and action.nargs != 0:
+        items = [str(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else item
+                 for item in items]
+        wrong = [item for item in items if not isinstance(item, str)]
+        if wrong:
+            raise ConfigError(f"{key}: {value!r} in config file {path!r} is not text")
+    if action.choices is not None:
+        wrong = [item for item in items if item not in action.choices]
+        if wrong:
+            raise ConfigError(f"{key}: {wrong[0]!r} in config file {path!r} is not one of "
+                              f"{', '.join(map(repr, action.choices))}")
+    return items if many else items[0]
 
 
 def _check_yaml_shape(key: str, value: Any, action: argparse.Action, path: str) -> Any:
@@ -525,10 +553,23 @@ def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str)
 
 
 # options that must lie in a range: (name, minimum)
-_TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('lr', 0), ('workers', 0), ('grad_accum_steps', 1),
+_TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('workers', 0), ('grad_accum_steps', 1),
                  ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0),
                  ('val_interval', 1))
 _VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0), ('naflex_max_seq_len', 1))
+# one rule for every learning rate, decay, momentum and strength: none is negative (timm takes a negative one and
+# trains with it: a negative rate is gradient ascent, a negative decay grows the weights)
+_NON_NEGATIVE = ('lr', 'lr_base', 'warmup_lr', 'min_lr', 'weight_decay', 'momentum', 'decay_rate', 'lr_cycle_decay',
+                 'layer_decay', 'layer_decay_min_scale', 'clip_grad', 'opt_eps', 'bn_eps', 'lr_noise_pct',
+                 'lr_noise_std', 'color_jitter', 'mixup', 'cutmix',
+                 'distill_loss_weight', 'task_loss_weight', 'decay_epochs', 'warmup_epochs', 'cooldown_epochs',
+                 'patience_epochs')
+# shares and probabilities: (name, upper bound, whether the bound itself is allowed)
+_SHARES = (('smoothing', 1., False), ('drop', 1., False), ('drop_path', 1., False), ('drop_block', 1., False),
+           ('hflip', 1., True), ('vflip', 1., True), ('reprob', 1., True), ('mixup_prob', 1., True),
+           ('mixup_switch_prob', 1., True), ('color_jitter_prob', 1., True), ('grayscale_prob', 1., True),
+           ('gaussian_blur_prob', 1., True), ('model_ema_decay', 1., True), ('bn_momentum', 1., True),
+           ('label_noise', 1., False))
 
 
 def _check_minima(args: argparse.Namespace, minima) -> None:
@@ -537,6 +578,38 @@ def _check_minima(args: argparse.Namespace, minima) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _check_rates(args: argparse.Namespace) -> None:
+    """ConfigErrors for a negative rate, decay or momentum, and for a share or probability outside [0, 1] (timm
+    would train with it, or fail with an assertion after building everything)."""
+    for name in _NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value} (rates, decays and momenta are "
+                              "never negative)")
+    for name, high, closed in _SHARES:
+        value = getattr(args, name, None)
+        if value is not None and not (0 <= value <= high if closed else 0 <= value < high):
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, {high:g}{']' if closed else ')'}, "
+                              f"got {value}")
+    for beta in args.opt_betas or ():
+        if not 0 <= beta < 1:
+            raise ConfigError(f"--opt-betas must each be in [0, 1), got {args.opt_betas}")
+
+
+def _check_mixup(args: argparse.Namespace) -> None:
+    """ConfigErrors for Mixup/CutMix options timm's Mixup asserts on at the first batch."""
+    if args.cutmix_minmax is not None:
+        low, high = (args.cutmix_minmax + [None, None])[:2]
+        if len(args.cutmix_minmax) != 2 or not 0 <= low < high <= 1:
+            raise ConfigError(f"--cutmix-minmax takes two shares of the image side, MIN < MAX in [0, 1], got "
+                              f"{args.cutmix_minmax}")
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        odd = [n for n in [args.batch_size, *(args.train_batch_sizes or ())] if n % 2]
+        if odd:
+            raise ConfigError(f"Mixup/CutMix mixes each image with another of its batch, so batches must be even: "
+                              f"--batch-size {odd[0]} (use {odd[0] + 1})")
 
 
 def _check_compile_and_dtype(args: argparse.Namespace) -> None:
@@ -589,6 +662,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     args = parser.parse_args(argv)
     _check_finite(args, parser)
     _check_minima(args, _TRAIN_MINIMA)
+    _check_rates(args)
+    _check_mixup(args)
     _check_model_and_loader_flags(args)
     if first.img_size is not None and first.input_size is None and args.input_size is not None:
         # --img-size on the command line beats an input_size from the recipe or config file, keeping its channels
@@ -637,8 +712,15 @@ def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.results_file and not args.results_format and extension not in RESULTS_FORMATS:
         raise ConfigError(f"--results-file {args.results_file!r} must end in .csv or .json, or give --results-format "
                           f"{' or '.join(RESULTS_FORMATS)}")
+    if args.results_file:
+        folder = os.path.dirname(os.path.abspath(args.results_file))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            why = 'does not exist' if not os.path.isdir(folder) else 'cannot be written'
+            raise ConfigError(f"--results-file {args.results_file!r}: its folder {folder!r} {why}; create it or "
+                              "write the results elsewhere (checked before evaluating anything)")
     _check_validate_combinations(args)
     return args
+
 
 
 def _check_validate_combinations(args: argparse.Namespace) -> None:

@@ -165,6 +165,10 @@ def create_train_loader(
         dataset, batch_size=batch_size, distributed=args.distributed, num_aug_repeats=args.aug_repeats,
         use_multi_epochs_loader=args.use_multi_epochs_loader,
         **scheduled_loader_kwargs(args, dataset, data_config['input_size'], batch_size), **common)
+    if hasattr(dataset, '__len__') and len(loader) == 0:  # timm drops the partial batch: an epoch would train nothing
+        share = f" ({args.world_size} processes)" if args.world_size > 1 else ''
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(dataset)} training images{share}: "
+                         "an epoch would have no full batch and train nothing; use a smaller --batch-size")
     seed_scheduled_order(loader, args.seed)
     return ResumableLoader(loader)
 

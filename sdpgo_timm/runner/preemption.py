@@ -1,9 +1,9 @@
-"""Preemption: stop on SIGTERM / SIGUSR1 / SIGINT at a step every process agrees on.
+"""Preemption: stop on SIGTERM / SIGUSR1 / SIGINT / SIGHUP at a step every process agrees on.
 
 Clusters announce a preemption with a signal (SIGTERM from Kubernetes, torchrun and SLURM's
 `scancel`; SIGUSR1 from `sbatch --signal`) some time before they kill the job; a person at
-the terminal presses Ctrl-C (SIGINT), which is treated the same way (a second Ctrl-C stops at
-once, saving nothing).
+the terminal presses Ctrl-C (SIGINT) or loses it (SIGHUP: a closed window, a dropped ssh
+connection), which are treated the same way (a second Ctrl-C stops at once, saving nothing).
 `PreemptionSignal` only records the signal; the training loop asks `stopping()` after each
 optimizer step, writes a recovery checkpoint when it says so and raises `Preempted`, which
 train.py turns into exit status 4. Under DDP the flag is all-reduced every step, so all
@@ -13,7 +13,8 @@ read one step later, so the check never waits on the device.
 import logging
 import signal
 import threading
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,11 +22,16 @@ import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGHUP: the terminal closed (an ssh connection dropped, a window closed)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """A signal received inside `PreemptionSignal.raising()`; its message is the signal's name."""
 
 
 class PreemptionSignal:
-    """Record SIGTERM / SIGUSR1 / SIGINT while active (a context manager); tell all ranks alike when to stop.
+    """Record SIGTERM / SIGUSR1 / SIGINT / SIGHUP while active (a context manager); tell all ranks alike when to stop.
 
     Args:
         distributed: all-reduce the flag so that every rank stops after the same step.
@@ -61,6 +67,22 @@ class PreemptionSignal:
             _logger.warning(f"Received {signal.Signals(signum).name}: stopping after this step to save a recovery "
                             "checkpoint")
         self.received = signum
+
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        """While active, a signal raises Interrupted at once (so does one received before): for work that has no
+        step to stop at, such as an upload."""
+        if self.received is not None:
+            raise Interrupted(self.name)
+
+        def handle(signum, frame):
+            raise Interrupted(signal.Signals(signum).name)
+        previous = {signum: signal.signal(signum, handle) for signum in self._previous}  # where __enter__ set them
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     @property
     def name(self) -> str:

@@ -143,7 +143,7 @@ def write_error(path: str, error: OSError) -> WriteError:
     code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ''
     return WriteError(
         f"could not write {path!r}: {error.strerror or error}{code}; the previous file is unchanged. Free space or "
-        "fix permissions, then continue with --resume auto.")
+        "fix permissions, then run the same command again (train.py: with --resume auto).")
 
 
 def atomic_save(obj: Any, path: str) -> None:

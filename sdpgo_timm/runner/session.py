@@ -222,6 +222,10 @@ class TrainSession:
             max_history=args.checkpoint_hist, task=self.task, classes=dataset_classes(self.dataset_train))
         if in_place:
             resume_in_place(self.saver, self.resume_path, output_dir, self.point)
+        if self.point.epoch >= self.num_epochs:
+            _logger.info(f"Nothing left to train: resumed at epoch {self.point.epoch} of {self.num_epochs}; raise "
+                         "--epochs to train on")
+            return
         _logger.info(f"Training {args.model} ({method.name if method.self_distillation else method.summary}) for "
                      f"{self.num_epochs} epochs, {len(self.loader_train)} steps per epoch, output {output_dir}")
         explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
@@ -234,9 +238,6 @@ class TrainSession:
         """From the resumed epoch to the last: train, then evaluate, save and summarize (every --val-interval);
         a stop signal ends the run at the next epoch boundary (or, inside an epoch, at a step)."""
         args, point = self.args, self.point
-        if point.epoch >= self.num_epochs and self.primary:
-            _logger.info(f"Nothing left to train: resumed at epoch {point.epoch} of {self.num_epochs}; raise "
-                         "--epochs to train on")
         self.collect = partial(gather_rank_states, self.task, self.mixup_fn, args)
         self.eval_model = self.task.get_eval_model()
         if self.preemption.stopping(wait=True):
@@ -347,10 +348,11 @@ class TrainSession:
             _logger.info("*** No epoch was trained in this run")
         else:
             _logger.info(f"*** Best metric: {result['best_metric']} (epoch {result['best_epoch']})")
-        # timm's parsable result: the ten best evaluated epochs, best last
+        # timm's parsable result: the ten best evaluated epochs, best last (none when nothing was left to train)
         ranked = sorted(self.results, key=lambda r: r.get('validation', r['train'])[self.eval_metric],
                         reverse=self.eval_metric == 'loss')
-        print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
+        if ranked:
+            print(f"--result\n{json.dumps(ranked[-10:], indent=4)}")
         if args.push_to_hub and output_dir:
             result['hub_url'] = self.push(os.path.join(output_dir, 'model_best.pth.tar'))
         return result

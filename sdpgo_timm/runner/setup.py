@@ -8,6 +8,7 @@ failures into one clear message. Resuming is `runner.resume`; validate.py's own 
 import argparse
 import importlib
 import logging
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -47,6 +48,9 @@ def setup_script_logging() -> None:
     tests, notebooks)."""
     if logging.root.handlers:
         return
+    # torch warns of more loader workers than CPUs from two places (each loader's creation and each pass over it):
+    # once per process says it
+    warnings.filterwarnings('once', message='This DataLoader will create', category=UserWarning)
     handler = logging.StreamHandler()
     handler.setFormatter(_ScriptFormatter())
     logging.root.addHandler(handler)

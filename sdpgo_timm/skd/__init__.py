@@ -29,4 +29,5 @@ def create_skd_task(model: nn.Module, skd: str = 'sdpgo', **kwargs) -> TrainingT
         return SKD_TASKS[skd](model, **kwargs)
     if skd not in SKD_PRESETS:
         raise ValueError(f"skd must be one of {SKD_NAMES}, got {skd!r}")
-    return SDPGOTask(model, **{**kwargs, **SKD_PRESETS[skd]})
+    name = None if skd == 'sdpgo' else f"{skd} (a preset of SDPGOTask)"
+    return SDPGOTask(model, **{**kwargs, **SKD_PRESETS[skd], 'name': name})
