@@ -77,6 +77,8 @@ PRESETS = {
                      # evaluated every 10 epochs (and at the last): the test split's 10,000 images cost
                      extra='-c hparams/fashion-mnist/memorize.yaml --val-interval 10', stem='fashion_mnist_memorize'),
 }
+SMOKE_NOTE = ("**Smoke run (--quick): one seed, one epoch at 8 px. These numbers check that every method runs end "
+              "to end; they say nothing about which method is better.**")
 ALPHA_COLUMNS = ('alpha_flipped', 'alpha_clean', 'alpha_auc')  # summary.csv's train_<column> under --label-noise
 
 
@@ -274,6 +276,7 @@ def write_tables(args: argparse.Namespace, argv: Sequence[str], conditions: Sequ
         '',
         f"`{shlex.join(['python', 'benchmarks/label_noise.py', *argv])}`",
         '',
+        *([SMOKE_NOTE, ''] if args.quick else []),
         f"{args.model} at {f'{args.img_size} px' if args.img_size else 'the recipe input size'}, {args.epochs} epochs"
         + (f" (CE×2: {2 * args.epochs})" if 'CE×2' in args.methods else '') + ', '
         f"seeds {args.seeds}, torch {torch.__version__}; replay methods at --batch-size {args.batch_size}, the others "

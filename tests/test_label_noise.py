@@ -33,6 +33,7 @@ def test_label_noise_quick_writes_table_csv_and_plot(tmp_path, monkeypatch):
     assert len({r['steps'] for r in rows}) == 1
     table = Path(out['md']).read_text()
     assert '| CE |' in table and '| SDPGO |' in table and 'η = 0.4' in table
+    assert bench.SMOKE_NOTE in table  # a smoke table says its numbers mean nothing
     assert Image.open(out['png']).size == (800, 480)
 
 
