@@ -21,7 +21,7 @@ from typing import Dict, List
 import timm
 import torch
 import yaml
-from torchvision import transforms
+from timm.data import create_transform, resolve_data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,8 +37,8 @@ def confusion(run: str, split: str) -> torch.Tensor:
         args = yaml.safe_load(f)
     model = timm.create_model(args['model'], num_classes=len(CLASSES),
                               checkpoint_path=os.path.join(run, 'last.pth.tar')).eval()
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(args['mean'], args['std'])])
-    dataset = FashionMNISTDataset(split, transform=transform)
+    # the evaluation transform train.py used (timm's, from the run's data config)
+    dataset = FashionMNISTDataset(split, transform=create_transform(**resolve_data_config(args, model=model)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=500)
     counts = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
     for input, target in loader:

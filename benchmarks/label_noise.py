@@ -98,17 +98,14 @@ def run_name_parts(name: str) -> Tuple[str, str, str]:
 def parse_condition(text: str, fractions: Sequence[float]) -> List[Condition]:
     """`clean`, `sym0.4` or `asym0.4`, optionally `@F` for a share F of the training split (else each of
     `fractions`): the conditions it names."""
-    name, _, share = text.partition('@')
-    noise = next((m for m in ('asym', 'sym') if name.startswith(m)), 'sym' if name == 'clean' else None)
-    try:
-        eta = 0.0 if name == 'clean' else float(name[len(noise):]) if noise else None
-        shares = [float(share)] if share else list(fractions)
-    except ValueError:
-        eta = None
-    if eta is None or not 0 <= eta < 1 or any(not 0 < f <= 1 for f in shares):
+    match = re.fullmatch(r'(clean|(a?sym)([0-9]*\.?[0-9]+))(?:@([0-9]*\.?[0-9]+))?', text)
+    if match:
+        _, noise, rate, share = match.groups()
+        eta, shares = float(rate or 0), [float(share)] if share else list(fractions)
+    if not match or not eta < 1 or any(not 0 < f <= 1 for f in shares):
         raise ValueError(f"condition {text!r}: expected clean, symETA or asymETA (0 <= ETA < 1), optionally "
                          f"@FRACTION in (0, 1], e.g. sym0.4 or clean@0.25")
-    return [(noise, eta, f) for f in shares]
+    return [(noise or 'sym', eta, f) for f in shares]
 
 
 def run_one(method: str, condition: Condition, seed: int, args: argparse.Namespace, out_dir: str,

@@ -154,8 +154,7 @@ class SDPGOTask(SelfDistillationTask):
         if self.verbose:
             _logger.info(
                 f"{name or type(self).__name__}: tau={temperature} topk={topk} alpha_mode={alpha_mode} "
-                f"weighting={weighting} "
-                f"replay={replay} taps={self.tap_layers}")
+                f"weighting={weighting} replay={replay} taps={self.tap_layers}")
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SDPGOTask':
         """Wrap the tapped model (one module, one forward) in DistributedDataParallel."""
