@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_noise import run_name_parts  # noqa: E402
+from label_noise import mean_std, run_name_parts  # noqa: E402
 
 COLUMNS = ('train_alpha_flipped', 'train_alpha_clean', 'train_alpha_auc')
 
@@ -38,20 +38,17 @@ def read_runs(runs: List[str]) -> Dict[str, Dict[int, List[Dict[str, float]]]]:
     return by_condition
 
 
-def _mean_std(values: List[float]) -> str:
-    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else '')
-
-
 def table(data: Dict[str, Dict[int, List[Dict[str, float]]]], argv: List[str]) -> str:
     lines = ["# PWA's α against the flipped labels, per evaluated epoch", '',
              f"`{' '.join(['python', 'benchmarks/alpha_noise.py', *argv])}`", '',
-             'Mean α of the samples whose label was flipped / of the clean ones, and the ROC AUC of α for picking out '
-             'the flipped ones (0.5: chance), mean ± std over seeds.', '']
+             'Mean α of the samples whose label was flipped / of the clean ones, and the ROC AUC of α for picking '
+             'out the flipped ones (0.5: chance), mean ± std over seeds.', '']
     for condition, epochs in data.items():
         lines += [f"## {condition} ({len(next(iter(epochs.values())))} seeds)", '',
                   '| epoch | α flipped | α clean | AUC |', '|---:|---:|---:|---:|']
         for epoch, seeds in sorted(epochs.items()):
-            lines.append(f"| {epoch} | " + ' | '.join(_mean_std([s[c] for s in seeds]) for c in COLUMNS) + ' |')
+            cells = [mean_std([s[c] for s in seeds], digits=3) for c in COLUMNS]
+            lines.append(f"| {epoch} | " + ' | '.join(cells) + ' |')
         lines.append('')
     return '\n'.join(lines)
 

@@ -3,8 +3,8 @@
 
 Reads run folders of train.py (their `args.yaml` and `last.pth.tar`, e.g. those a `label_noise.py --runs-dir DIR`
 study keeps), scores each last-epoch model on a clean split (`--split validation` by default: the analysis must
-not pick settings on the test split) and writes, per method (the run folder's name up to its first '-', over
-its seeds; `label_noise.py`'s run names): each class's recall, and for the classes that class-flip noise pairs (FLIP_MAP) the share of the
+not pick settings on the test split) and writes, per method (over its seeds; run folders named as label_noise.py
+names them): each class's recall, and for the classes that class-flip noise pairs (FLIP_MAP) the share of the
 class's images predicted as its partner. A loss confined to the flipped pairs shows as lower recall there and a
 partner share that grows by what the recall loses.
 
@@ -12,7 +12,6 @@ partner share that grows by what the recall loses.
 """
 import argparse
 import os
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from timm.data import create_transform, resolve_data_config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
-from label_noise import run_name_parts  # noqa: E402
+from label_noise import mean_std, run_name_parts  # noqa: E402
 from sdpgo_timm.data.fashion_mnist import CLASSES, FLIP_MAP, FashionMNISTDataset  # noqa: E402
 
 
@@ -49,9 +48,6 @@ def confusion(run: str, split: str) -> torch.Tensor:
 
 def report(matrices: Dict[str, List[torch.Tensor]], split: str, argv: List[str]) -> str:
     """Markdown: recall per class and method, and the partner share of the flipped classes (mean ± std over seeds)."""
-    def cell(values: List[float]) -> str:
-        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else '')
-
     methods = list(matrices)
     lines = [f"# Per-class recall (%) on the clean {split} split, last epoch", '',
              f"`{' '.join(['python', 'benchmarks/confusion.py', *argv])}`", '',
@@ -59,23 +55,24 @@ def report(matrices: Dict[str, List[torch.Tensor]], split: str, argv: List[str])
     recall = {m: [100 * c.diag() / c.sum(1) for c in ms] for m, ms in matrices.items()}
     for k, name in enumerate(CLASSES):
         flipped = f" (↔ {CLASSES[FLIP_MAP[k]]})" if FLIP_MAP[k] != k else ''
-        lines.append(f"| {name}{flipped} | " + ' | '.join(cell([r[k].item() for r in recall[m]]) for m in methods)
-                     + ' |')
+        cells = [mean_std([r[k].item() for r in recall[m]], 1) for m in methods]
+        lines.append(f"| {name}{flipped} | " + ' | '.join(cells) + ' |')
     lines.append('| **all** | ' + ' | '.join(
-        cell([100 * c.diag().sum().item() / c.sum().item() for c in matrices[m]]) for m in methods) + ' |')
+        mean_std([100 * c.diag().sum().item() / c.sum().item() for c in matrices[m]], 1) for m in methods) + ' |')
     lines += ['', "Share (%) of each flipped class's images predicted as its partner:", '',
               '| class → partner | ' + ' | '.join(methods) + ' |', '|---|' + '---:|' * len(methods)]
     for k, name in enumerate(CLASSES):
         if FLIP_MAP[k] != k:
             lines.append(f"| {name} → {CLASSES[FLIP_MAP[k]]} | " + ' | '.join(
-                cell([100 * c[k, FLIP_MAP[k]].item() / c[k].sum().item() for c in matrices[m]]) for m in methods)
+                mean_std([100 * c[k, FLIP_MAP[k]].item() / c[k].sum().item() for c in matrices[m]], 1) for m in methods)
                 + ' |')
     return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('runs', nargs='+', help="train.py run folders, named as label_noise.py names them (METHOD-CONDITION-sSEED)")
+    parser.add_argument('runs', nargs='+',
+                        help="train.py run folders, named as label_noise.py names them (METHOD-CONDITION-sSEED)")
     parser.add_argument('--split', default='validation', choices=('validation', 'test'))
     parser.add_argument('--out-md', default=None, help='write the report here too')
     argv = list(sys.argv[1:] if argv is None else argv)
