@@ -6,6 +6,7 @@ make such small models many times slower. Runs that several tests read are sessi
 tests must not write into their folders.
 """
 import csv
+import functools
 import logging
 import os
 import subprocess
@@ -89,6 +90,23 @@ class TrainProcess:
         status = self.process.wait(timeout=timeout)
         self._reader.join(timeout=10)
         return status
+
+
+def signal_at_step(monkeypatch, step: int, signals: List[int]) -> None:
+    """Send `signals` to this process from inside the task's forward of training step `step` (counted from 1 over
+    the whole run; SDPGO tasks)."""
+    from sdpgo_timm.task import SDPGOTask
+    real_forward = SDPGOTask.forward
+    steps = []
+
+    @functools.wraps(real_forward)
+    def forward(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == step:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(SDPGOTask, 'forward', forward)
 
 
 def summary(run: Path) -> List[Dict[str, str]]:

@@ -4,6 +4,7 @@ Run with `pytest -m cuda` on a machine with a GPU (benchmarks/gpu_check.py does)
 tests are skipped. Their CPU counterparts live in test_task.py, test_engine.py and test_robustness.py.
 """
 import copy
+import signal
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from timm.utils import NativeScaler
 from sdpgo_timm import SDPGOTask
 from sdpgo_timm.runner.checkpoint import load_checkpoint_file
 from sdpgo_timm.runner.engine import LoopOptions, train_one_epoch
-from conftest import FAST, assert_same_weights, run_train
+from conftest import FAST, assert_same_weights, run_train, signal_at_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 DEVICE = torch.device('cuda')
@@ -113,9 +114,14 @@ def test_a_recovery_checkpoint_written_on_the_gpu_resumes_bit_exact(tmp_path, mo
     try:
         argv = ['digits', '--sdpgo', '--epochs', '2', *FAST, '--device', 'cuda']
         assert run_train([*argv, '--output', str(tmp_path), '--experiment', 'whole']) == 0
-        assert run_train([*argv, '--recovery-interval', '10', '--output', str(tmp_path), '--experiment', 'cut']) == 0
+        # stopped in epoch 1, as a preempted job (a finished run keeps no recovery file): 44 SDPGO steps an epoch,
+        # SIGTERM in step 36 of epoch 1 (update 80, a recovery step)
+        with pytest.MonkeyPatch.context() as stop:
+            signal_at_step(stop, 44 + 36, [signal.SIGTERM])
+            assert run_train([*argv, '--recovery-interval', '10', '--output', str(tmp_path),
+                              '--experiment', 'cut']) == 4
         # continue from the last recovery checkpoint of epoch 1 in a fresh folder, as a restarted job would
-        recovery = sorted((tmp_path / 'cut').glob('recovery-1-*.pth.tar'))[-1]
+        recovery = tmp_path / 'cut' / 'recovery-1-36.pth.tar'
         assert load_checkpoint_file(str(recovery))['position']['epoch'] == 1
         assert run_train([*argv, '--resume', str(recovery), '--output', str(tmp_path), '--experiment', 'resumed']) == 0
     finally:

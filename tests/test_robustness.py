@@ -29,7 +29,7 @@ from sdpgo_timm.runner.summary import append_summary
 from sdpgo_timm.runner.preemption import PreemptionSignal
 from sdpgo_timm.data.replay import ReplayBatchSampler
 from fakehub import fake_hub  # noqa: F401 (fixture)
-from conftest import FAST, TrainProcess, assert_same_weights, run_train, run_validate, summary
+from conftest import FAST, TrainProcess, assert_same_weights, run_train, run_validate, signal_at_step, summary
 
 SDPGO = ['digits', '--sdpgo', '--epochs', '2', *FAST]  # the command line of the session's sdpgo_run
 STEPS = 44  # optimizer steps per epoch of that run
@@ -53,9 +53,13 @@ def recovery_files(run: Path) -> List[Path]:
 
 @pytest.fixture(scope='session')
 def recovery_run(tmp_path_factory) -> Path:
-    """sdpgo_run's command line with a recovery checkpoint every 10 optimizer steps."""
+    """sdpgo_run's command line with a recovery checkpoint every 10 optimizer steps, stopped by SIGTERM after step
+    36 of epoch 1 (update 80, a recovery step): the folder of a preempted run (a finished one keeps no recovery
+    file). Tests copy what they change."""
     output = tmp_path_factory.mktemp('train')
-    assert run_train([*SDPGO, '--recovery-interval', '10', '--output', str(output), '--experiment', 'rec']) == 0
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_at_step(monkeypatch, STEPS + 36, [signal.SIGTERM])
+        assert run_train([*SDPGO, '--recovery-interval', '10', '--output', str(output), '--experiment', 'rec']) == 4
     return output / 'rec'
 
 
@@ -63,8 +67,13 @@ def recovery_run(tmp_path_factory) -> Path:
 # What is saved, and what a resume continues from
 
 
-def test_recovery_checkpoints_hold_the_position_and_do_not_change_training(recovery_run, sdpgo_run):
-    assert_same_weights(recovery_run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+def test_recovery_checkpoints_hold_the_position_and_do_not_change_training(recovery_run, sdpgo_run, tmp_path):
+    """Eight recovery checkpoints written, the run stopped, then resumed: the weights of the uninterrupted run."""
+    shutil.copytree(recovery_run, tmp_path / 'rec')
+    assert run_train([*SDPGO, '--recovery-interval', '10', '--output', str(tmp_path), '--experiment', 'rec',
+                      '--resume', 'auto']) == 0
+    assert_same_weights(tmp_path / 'rec' / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
+    assert not recovery_files(tmp_path / 'rec')  # finished: the epoch checkpoint superseded them
     assert [p.name for p in recovery_files(recovery_run)] == ['recovery-1-26.pth.tar', 'recovery-1-36.pth.tar']
     checkpoint = load_checkpoint_file(str(recovery_run / 'recovery-1-36.pth.tar'))
     assert checkpoint['position'] == {'epoch': 1, 'step': 36, 'num_updates': STEPS + 36}
@@ -73,7 +82,20 @@ def test_recovery_checkpoints_hold_the_position_and_do_not_change_training(recov
     assert rank['loader']['step'] == 36 and rank['meter']['batches'] == 36 and rank['meter']['steps'] == 36
     assert {'torch', 'numpy', 'python'} <= set(rank['loader']['rng'][-1])
     assert len(checkpoint['task_state']['cache']['index']) == 32  # the fresh half the next step replays
-    assert resume_position(load_checkpoint_file(str(recovery_run / 'last.pth.tar'))) == (2, 0)
+    assert resume_position(load_checkpoint_file(str(recovery_run / 'last.pth.tar'))) == (1, 0)
+    assert resume_position(load_checkpoint_file(str(tmp_path / 'rec' / 'last.pth.tar'))) == (2, 0)
+
+
+def test_an_epoch_checkpoint_removes_the_recovery_files_it_supersedes_and_a_stopped_run_keeps_its_newest(tmp_path):
+    argv = [*SDPGO, '-b', '128', '--recovery-interval', '5', '--output', str(tmp_path), '--experiment', 'run']
+    steps = DIGITS_TRAIN // 64  # SDPGO steps per epoch at -b 128 (64 fresh images a step, the last partial dropped)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_at_step(monkeypatch, steps + 3, [signal.SIGTERM])  # epoch 0 wrote recovery files at updates 5 … 20
+        assert run_train(argv) == 4
+    assert [p.name for p in recovery_files(tmp_path / 'run')] == ['recovery-1-3.pth.tar']
+    assert run_train([*argv, '--resume', 'auto']) == 0
+    assert not recovery_files(tmp_path / 'run') and load_checkpoint_file(str(tmp_path / 'run' / 'last.pth.tar'))[
+        'epoch'] == 1
 
 
 def test_resume_auto_picks_the_newest_checkpoint_that_loads(recovery_run, sdpgo_run, tmp_path, caplog):
@@ -110,7 +132,7 @@ def test_sigkill_after_a_recovery_checkpoint_then_resume_is_exact(sdpgo_run, tmp
                       '--resume', 'auto']) == 0
     assert_same_weights(run / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
     assert not temporaries(run)
-    assert len(recovery_files(run)) == 2  # the resumed run took over the old recovery files and cleaned them up
+    assert not recovery_files(run)  # the resumed run took over the old recovery files and cleaned them up
 
 
 def test_sigterm_saves_a_recovery_checkpoint_and_exits_4(sdpgo_run, tmp_path):
@@ -694,32 +716,16 @@ def test_resume_with_ema_from_a_checkpoint_without_ema_starts_the_ema_at_the_res
     assert not all(torch.equal(last[k], resumed[k]) for k in weights)  # while the model trained on
 
 
-def _signal_at_step(monkeypatch, step: int, signals: List[int]) -> None:
-    """Send `signals` to this process from inside the task's forward of training step `step` (counted from 1)."""
-    from sdpgo_timm.task import SDPGOTask
-    real_forward = SDPGOTask.forward
-    steps = []
-
-    @functools.wraps(real_forward)
-    def forward(self, *args, **kwargs):
-        steps.append(1)
-        if len(steps) == step:
-            for signum in signals:
-                os.kill(os.getpid(), signum)
-        return real_forward(self, *args, **kwargs)
-    monkeypatch.setattr(SDPGOTask, 'forward', forward)
-
-
 def test_ctrl_c_saves_a_recovery_checkpoint_like_sigterm_and_a_second_one_stops_at_once(
         sdpgo_run, tmp_path, monkeypatch, error_lines):
-    _signal_at_step(monkeypatch, 3, [signal.SIGINT])
+    signal_at_step(monkeypatch, 3, [signal.SIGINT])
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int']) == 4
     assert re.search(r'preempted by SIGINT after step 3 of epoch 0', error_lines()[-1])
     saved, = recovery_files(tmp_path / 'int')
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int', '--resume', 'auto']) == 0
     assert_same_weights(tmp_path / 'int' / 'last.pth.tar', sdpgo_run / 'last.pth.tar')
 
-    _signal_at_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
+    signal_at_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'int2']) == 130
     assert error_lines()[-1].startswith('error: interrupted twice (Ctrl-C): stopped at once')
     assert not recovery_files(tmp_path / 'int2') and not temporaries(tmp_path)
@@ -866,7 +872,7 @@ def test_an_unreadable_image_is_skipped_in_training_and_refused_in_evaluation(
 
 @pytest.mark.parametrize('signum', [signal.SIGHUP, signal.SIGUSR1], ids=['SIGHUP', 'SIGUSR1'])
 def test_a_closed_terminal_or_slurm_signal_saves_a_recovery_checkpoint(signum, tmp_path, monkeypatch, error_lines):
-    _signal_at_step(monkeypatch, 3, [signum])
+    signal_at_step(monkeypatch, 3, [signum])
     assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'hup']) == 4
     assert re.search(rf'preempted by {signal.Signals(signum).name} after step 3 of epoch 0', error_lines()[-1])
     saved, = recovery_files(tmp_path / 'hup')

@@ -72,4 +72,4 @@ def test_kill_and_resume_cycles_end_as_the_uninterrupted_run(sdpgo_run, tmp_path
     assert [r['epoch'] for r in summary(run)] == [str(e) for e in range(EPOCHS)]
     assert [r['train_loss'] for r in summary(run)] == [r['train_loss'] for r in summary(straight)]
     assert not [p.name for p in run.iterdir() if '.tmp-' in p.name or p.name.endswith('tmp.pth.tar')]
-    assert len(list(run.glob('recovery-*.pth.tar'))) == 2
+    assert not list(run.glob('recovery-*.pth.tar'))  # a finished run's epoch checkpoints superseded them

@@ -17,7 +17,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -201,19 +201,40 @@ class TrainCheckpointSaver(CheckpointSaver):
             self._extra = {}
         return self.curr_recovery_file
 
-    def adopt_recovery_files(self) -> None:
-        """Take over the recovery files of the run resumed in place: the two newest are cleaned up in turn, older
-        ones (left by a kill between a save and its clean-up) now."""
+    def _recovery_files(self) -> List[Tuple[Tuple[int, int], str]]:
+        """((epoch, batch), path) of each recovery file in the run folder, oldest first."""
         files = []
         for path in glob.glob(os.path.join(self.recovery_dir, f'{self.recovery_prefix}-*{self.extension}')):
             numbers = re.findall(r'\d+', os.path.basename(path))
             if len(numbers) == 2:
                 files.append((tuple(map(int, numbers)), path))
-        files = [p for _, p in sorted(files)]
+        return sorted(files)
+
+    def adopt_recovery_files(self) -> None:
+        """Take over the recovery files of the run resumed in place: the two newest are cleaned up in turn, older
+        ones (left by a kill between a save and its clean-up) now."""
+        files = [p for _, p in self._recovery_files()]
         for path in files[:-2]:
             os.remove(path)
             _logger.info(f"Removed {path!r}: older than the two newest recovery checkpoints")
         self.prev_recovery_file, self.curr_recovery_file = ([''] * 2 + files)[-2:]
+
+    def remove_superseded_recovery(self, epoch: int) -> None:
+        """Remove the recovery files of epochs up to `epoch`, once that epoch's checkpoint is written: `--resume
+        auto` would never pick them again (the epoch checkpoint is further), and each is as large as a checkpoint.
+        Files of later epochs (a stopped run's newest) stay; a file that cannot be removed only warns."""
+        for (file_epoch, _), path in self._recovery_files():
+            if file_epoch > epoch:
+                continue
+            try:
+                os.remove(path)
+            except OSError as e:
+                _logger.warning(f"Could not remove the superseded recovery checkpoint {path!r}: {e}")
+                continue
+            if path == self.curr_recovery_file:
+                self.curr_recovery_file = ''
+            if path == self.prev_recovery_file:
+                self.prev_recovery_file = ''
 
     def _save(self, save_path, epoch, metric=None):
         """timm's checkpoint keys (model and EMA through the task) plus extra state, saved atomically."""

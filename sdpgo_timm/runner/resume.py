@@ -32,10 +32,13 @@ def resolve_resume(args: argparse.Namespace) -> str:
 
 
 def resume_in_place(saver: TrainCheckpointSaver, path: str, output_dir: str, point: ResumePoint) -> None:
-    """A run resumed into its own folder keeps the best checkpoint, the history and the recovery files; the rows
-    of epochs it trains again leave summary.csv, and a row its checkpoint holds but summary.csv lost comes back."""
+    """A run resumed into its own folder keeps the best checkpoint, the history and the recovery files of the epoch
+    it resumes (those of earlier epochs are superseded: left by an older version or a kill before their clean-up);
+    the rows of epochs it trains again leave summary.csv, and a row its checkpoint holds but summary.csv lost comes
+    back."""
     saver.load_state_dict_from_checkpoint(path)
     saver.adopt_recovery_files()
+    saver.remove_superseded_recovery(point.epoch - 1)
     summary = os.path.join(output_dir, 'summary.csv')
     truncate_summary(summary, point.epoch)
     if point.summary_row is not None:

@@ -310,8 +310,8 @@ class TrainSession:
         return eval_metrics
 
     def end_epoch(self, epoch: int, train_metrics: Dict[str, Any]) -> None:
-        """Evaluate, then (rank 0) log, save the checkpoint holding its summary row and append that row; step the
-        scheduler."""
+        """Evaluate, then (rank 0) log, save the checkpoint holding its summary row, append that row and remove the
+        recovery files it supersedes; step the scheduler."""
         eval_metrics = self.evaluate()
         metric = (eval_metrics or train_metrics)[self.eval_metric]
         self.results.append(dict(epoch=epoch, train=train_metrics,
@@ -333,6 +333,8 @@ class TrainSession:
             self.best = self.saver.save_checkpoint(epoch, metric=metric, extra={**extra, SUMMARY_ROW: row})
             append_summary(epoch, train_metrics, eval_metrics, os.path.join(self.output_dir, 'summary.csv'), lr=lr,
                            log_wandb=self.log_wandb)
+            # the epoch checkpoint (written and fsynced above) supersedes this epoch's recovery files
+            self.saver.remove_superseded_recovery(epoch)
         self.lr_scheduler.step(epoch + 1, metric)
 
     def finish(self) -> dict:
