@@ -149,6 +149,52 @@ def test_torchrun_two_processes_train_disjoint_shards(tmp_path):
     timm.create_model('test_resnet', checkpoint_path=str(run / 'last.pth.tar'), num_classes=10)
 
 
+# what rank 1's copy of the image folder lacks or has in place of rank 0's, and the error line that names it
+_RANK_DATA = {
+    'one image fewer': (lambda root: (root / 'train' / 'cat' / 'cat_0.png').unlink(),
+                        'the training split holds 23 samples on rank 1, 24 on rank 0'),
+    'a class renamed': (lambda root: [(root / split / 'fox').rename(root / split / 'owl')
+                                      for split in ('train', 'validation')],
+                        "the training split has other classes on rank 1 than on rank 0 (rank 1 lacks ['fox'], "
+                        "adds ['owl'])"),
+    'other validation files': (lambda root: (root / 'validation' / 'dog' / 'dog_0.png').rename(
+        root / 'validation' / 'dog' / 'dog_9.png'),
+                               'the validation split holds other files on rank 1 than on rank 0 (the same number and '
+                               'classes, other names or labels)'),
+}
+_RANK_LAUNCHER = """import os, sys
+sys.path.insert(0, {root!r})
+import train
+rank = int(os.environ['RANK'])
+status = train.main([sys.argv[1 + rank], *sys.argv[3:]])
+open(os.path.join({out!r}, f'rank{{rank}}.status'), 'w').write(str(status))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize('change', list(_RANK_DATA))
+def test_torchrun_ranks_that_read_different_data_stop_with_one_line(image_folder, tmp_path, change):
+    """Two nodes with their own copies of a data set that differ: every rank stops before training, exit 2."""
+    damage, expected = _RANK_DATA[change]
+    other = tmp_path / 'other'
+    shutil.copytree(image_folder, other)
+    damage(other)
+    launcher = tmp_path / 'launch.py'
+    launcher.write_text(_RANK_LAUNCHER.format(root=str(ROOT), out=str(tmp_path)))
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(launcher),
+               str(image_folder), str(other), *FAST, '--device', 'cpu', '-b', '4', '--epochs', '1', '--output',
+               str(tmp_path), '--experiment', 'ddp']
+    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                          text=True, timeout=300)
+    output = done.stdout + done.stderr
+    lines = [line for line in output.splitlines() if line.startswith('error: ')]
+    assert lines == [f'error: the processes read different data: {expected}; every process must read the same data '
+                     'set (the same files on every node, or one shared --data-dir)'] * 2, output[-3000:]
+    assert [(tmp_path / f'rank{r}.status').read_text() for r in (0, 1)] == ['2', '2']
+    assert not (tmp_path / 'ddp').exists()
+    assert output.count('Traceback (most recent call last)') == 1  # torchrun's own, reporting the failed ranks
+
+
 class _Stream(IterableDataset):
     num_classes = 10
 

@@ -1,8 +1,9 @@
 """Datasets for train.py and validate.py: the in-memory benchmarks (digits, fashion-mnist) or
 timm's create_dataset (image folders checked for unreadable classes and counting skipped images)."""
 import argparse
+import hashlib
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -172,15 +173,41 @@ def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
     return [name for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])] if class_to_idx else None
 
 
+def class_difference(expected: Sequence[str], found: Sequence[str]) -> str:
+    """How `found` class names differ from `expected` ('lacks [...], adds [...]'); '' when they are the same."""
+    if list(expected) == list(found):
+        return ''
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    return ', '.join(part for part in (f"lacks {missing}" if missing else '', f"adds {extra}" if extra else '')
+                     if part) or 'the same names in another order'
+
+
+def data_signature(dataset: Dataset) -> Dict[str, Any]:
+    """What the processes of a distributed run must agree on about a split: its size, its class names and, for an
+    image folder, a digest of its files (paths relative to the folder, and labels). Each process shards the data by
+    index, so a split that differs between nodes would silently train on other images or with other labels."""
+    try:
+        size = len(dataset)
+    except TypeError:  # a streaming data set
+        size = None
+    reader = getattr(dataset, 'reader', dataset)
+    samples, root = getattr(reader, 'samples', None), getattr(reader, 'root', None)
+    files = None
+    if samples and isinstance(root, str):
+        digest = hashlib.sha1()
+        for path, target in samples:
+            digest.update(f"{os.path.relpath(path, root)}\0{target}\n".encode())
+        files = digest.hexdigest()
+    return dict(size=size, classes=dataset_classes(dataset), files=files)
+
+
 def check_same_classes(expected: Optional[Sequence[str]], dataset: Dataset, what: str, fix: str) -> None:
     """A ValueError if `dataset` names other classes than `expected`: its labels would index other classes, and
     every score would be silently wrong. Nothing is checked where either side does not name its classes."""
     found = dataset_classes(dataset)
-    if expected is None or found is None or list(expected) == found:
+    detail = class_difference(expected, found) if expected is not None and found is not None else ''
+    if not detail:
         return
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    detail = ', '.join(part for part in (f"lacks {missing}" if missing else '', f"adds {extra}" if extra else '')
-                       if part) or 'the same names in another order'
     raise ValueError(f"{what} has other classes than the model was trained on ({detail}), so its labels would be "
                      f"scored against the wrong classes; {fix}")
 

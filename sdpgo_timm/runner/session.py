@@ -52,8 +52,8 @@ from .recovery import RecoveryCheckpoints, restore_recovery
 from .resume import resolve_resume, resume_in_place
 from .rundir import create_output_dir
 from .setup import (
-    check_cpu_bfloat16_convolutions, check_num_classes, create_autocast, create_eval_loader, create_timm_model,
-    init_device, resolve_lr, resolve_model_dtype)
+    check_cpu_bfloat16_convolutions, check_num_classes, check_same_data_across_ranks, create_autocast,
+    create_eval_loader, create_timm_model, init_device, resolve_lr, resolve_model_dtype)
 from .summary import append_summary
 from .tracking import start_wandb
 
@@ -107,6 +107,8 @@ class TrainSession:
         self.dataset_eval = create_split_dataset(args, args.val_split, is_training=False) if args.val_split else None
         if self.dataset_eval is not None:
             check_training_classes(self.dataset_train, self.dataset_eval)
+        check_same_data_across_ranks(args, {'the training split': self.dataset_train,
+                                            'the validation split': self.dataset_eval})
         self.eval_metric = args.eval_metric if self.dataset_eval is not None else 'loss'
         check_num_classes(args, self.dataset_train)
         self.skipped = getattr(self.dataset_train, 'skipped', None)

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import timm
@@ -22,7 +23,7 @@ from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import resolve_model_input_args
 from timm.utils import init_distributed_device, set_jit_fuser
 
-from ..data.factory import dataset_num_classes
+from ..data.factory import class_difference, data_signature, dataset_num_classes
 from ..pretrained import check_model_name, ensure_cached
 from .checkpoint import load_weights_file, load_weights_into
 from .batches import policy_batch_size
@@ -82,6 +83,32 @@ def import_device_modules(modules: Optional[List[str]]) -> None:
             importlib.import_module(module)
         except ImportError as e:
             raise ConfigError(f"--device-modules {module}: cannot import it ({e}); install it or drop it") from None
+
+
+def check_same_data_across_ranks(args: argparse.Namespace, splits: Dict[str, Optional[Dataset]]) -> None:
+    """ConfigError naming the first rank whose data differ from rank 0's in size, classes or files, for each split
+    given ({'the training split': dataset, ...}); collective under DDP (every rank raises the same error), nothing
+    to check in one process. Each rank shards the data by index: different data would train silently wrong."""
+    if not args.distributed:
+        return
+    mine = {what: data_signature(dataset) for what, dataset in splits.items() if dataset is not None}
+    signatures: List[Any] = [None] * args.world_size
+    dist.all_gather_object(signatures, mine)
+    fix = "every process must read the same data set (the same files on every node, or one shared --data-dir)"
+    for rank, theirs in enumerate(signatures[1:], 1):
+        for what, ours in signatures[0].items():
+            other = theirs.get(what, {})
+            if other.get('size') != ours['size']:
+                problem = f"{what} holds {other.get('size')} samples on rank {rank}, {ours['size']} on rank 0"
+            elif other.get('classes') != ours['classes']:
+                detail = class_difference(ours['classes'] or [], other.get('classes') or [])
+                problem = f"{what} has other classes on rank {rank} than on rank 0 (rank {rank} {detail})"
+            elif other.get('files') != ours['files']:
+                problem = (f"{what} holds other files on rank {rank} than on rank 0 (the same number and classes, "
+                           "other names or labels)")
+            else:
+                continue
+            raise ConfigError(f"the processes read different data: {problem}; {fix}")
 
 
 def resolve_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
