@@ -194,9 +194,9 @@ def data_signature(dataset: Dataset) -> Dict[str, Any]:
     samples, root = getattr(reader, 'samples', None), getattr(reader, 'root', None)
     files = None
     if samples and isinstance(root, str):
-        digest = hashlib.sha1()
-        for path, target in samples:
-            digest.update(f"{os.path.relpath(path, root)}\0{target}\n".encode())
+        digest, prefix = hashlib.sha1(), os.path.join(root, '')
+        for path, target in samples:  # relative paths: each node may keep the data elsewhere
+            digest.update(f"{path[len(prefix):] if path.startswith(prefix) else path}\0{target}\n".encode())
         files = digest.hexdigest()
     return dict(size=size, classes=dataset_classes(dataset), files=files)
 
