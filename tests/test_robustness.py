@@ -847,9 +847,17 @@ def _corrupt(path: Path, monkeypatch) -> None:
     path.write_bytes(b'not a png')
 
 
-@pytest.mark.parametrize('damage', [_corrupt, _bomb], ids=['corrupt', 'decompression bomb'])
+def _truncated(path: Path, monkeypatch) -> None:  # the header reads, the pixels do not
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize('damage, before_training', [(_corrupt, True), (_bomb, True), (_truncated, False)],
+                         ids=['corrupt', 'decompression bomb', 'truncated'])
 def test_an_unreadable_image_is_skipped_in_training_and_refused_in_evaluation(
-        image_folder, tmp_path, damage, caplog, error_lines):
+        image_folder, tmp_path, damage, before_training, caplog, error_lines):
+    """Refused in evaluation before training when its header does not read; at the first evaluation when only its
+    pixels do not (train.py reads the evaluation files' headers only, see README)."""
+    caplog.set_level(logging.INFO)
     data = _image_folder_with_corrupt(image_folder, tmp_path / 'data', [])
     with pytest.MonkeyPatch.context() as monkeypatch:
         damage(data / 'train' / 'cat' / 'cat_3.png', monkeypatch)
@@ -857,10 +865,13 @@ def test_an_unreadable_image_is_skipped_in_training_and_refused_in_evaluation(
                           '--experiment', 'run']) == 0
         assert int(summary(tmp_path / 'run')[0]['train_skipped']) == 1
         damage(data / 'validation' / 'fox' / 'fox_1.png', monkeypatch)
+        caplog.clear()
         assert run_train([str(data), *FAST, '-b', '8', '--epochs', '1', '--output', str(tmp_path),
                           '--experiment', 'val']) == 2
         assert error_lines()[-1].startswith(f"error: evaluation image '{data / 'validation' / 'fox' / 'fox_1.png'}' "
                                             "cannot be read")
+        trained = any(r.getMessage().startswith('Train: 0 [') for r in caplog.records)
+        assert trained is not before_training and (tmp_path / 'val').exists() is not before_training
         assert run_validate([str(data), '--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--workers', '2']) == 2
         assert error_lines()[-1].startswith(f"error: evaluation image '{data / 'validation' / 'fox' / 'fox_1.png'}' "
                                             "cannot be read") and '\n' not in error_lines()[-1]  # from a worker too

@@ -36,6 +36,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
 from ..data.factory import check_training_classes, create_split_dataset, dataset_classes
+from ..data.images import CheckedImageDataset, check_image_headers
 from ..data.noise import noisy_label_mask, weight_noise_metrics
 from ..methods import get_method
 from ..protocol import SelfDistillationTask
@@ -109,6 +110,8 @@ class TrainSession:
             check_training_classes(self.dataset_train, self.dataset_eval)
         check_same_data_across_ranks(args, {'the training split': self.dataset_train,
                                             'the validation split': self.dataset_eval})
+        if isinstance(self.dataset_eval, CheckedImageDataset):  # found now rather than after the first epoch
+            check_image_headers(self.dataset_eval)
         self.eval_metric = args.eval_metric if self.dataset_eval is not None else 'loss'
         check_num_classes(args, self.dataset_train)
         self.skipped = getattr(self.dataset_train, 'skipped', None)
