@@ -413,6 +413,33 @@ CASES = {
         "--eval-metric 'top10' is not one evaluation reports; use one of top1, top5, loss"),
     'train: unknown option': Case('train', lambda i: train_argv(i, 'digits', '--bogus'),
                                   'unrecognized arguments: --bogus'),
+    # data-transform options timm asserts on, raises a KeyError for, or takes silently (issue 18: beyond its list)
+    'train: --mean of 2 values for 3 channels': Case(
+        'train', lambda i: train_argv(i, 'digits', '--mean', '0.5', '0.5'),
+        "--mean takes one value per input channel (3, --input-size's first value) or one for all, got 2"),
+    'train: --std 0': Case('train', lambda i: train_argv(i, 'digits', '--std', '0.5', '0', '0.5'),
+                           '--std must be > 0 (the input is divided by it)'),
+    'train: --scale of one value': Case('train', lambda i: train_argv(i, 'digits', '--scale', '0.5'),
+                                        '--scale takes two values, MIN <= MAX, got [0.5]'),
+    'train: --ratio MIN > MAX': Case('train', lambda i: train_argv(i, 'digits', '--ratio', '1.33', '0.75'),
+                                     '--ratio takes two values, MIN <= MAX (both > 0), got [1.33, 0.75]'),
+    'train: --crop-pct 0 (timm ignores it)': Case(
+        'train', lambda i: train_argv(i, 'digits', '--crop-pct', '0'), '--crop-pct is the share of the resized image'),
+    'train: unknown --train-interpolation': Case(
+        'train', lambda i: train_argv(i, 'digits', '--train-interpolation', 'cubic'),
+        "--train-interpolation 'cubic' is not an interpolation timm knows: one of nearest, bilinear, bicubic"),
+    'train: unknown --remode': Case('train', lambda i: train_argv(i, 'digits', '--reprob', '0.5', '--remode', 'px'),
+                                    "--remode 'px' is not one of const, rand, pixel"),
+    'train: unknown --mixup-mode (timm mixes per batch)': Case(
+        'train', lambda i: train_argv(i, 'digits', '--mixup', '0.2', '--mixup-mode', 'pairs'),
+        "--mixup-mode 'pairs' is not one of batch, pair, elem"),
+    'train: unknown --clip-mode': Case(
+        'train', lambda i: train_argv(i, 'digits', '--clip-grad', '1', '--clip-mode', 'l2'),
+        "--clip-mode 'l2' is not one of norm, value, agc"),
+    'train: unknown --aa policy': Case('train', lambda i: train_argv(i, 'digits', '--aa', 'randaugment'),
+                                       "--aa 'randaugment' is not a policy timm knows"),
+    'train: negative --start-epoch': Case('train', lambda i: train_argv(i, 'digits', '--start-epoch', '-1'),
+                                          '--start-epoch must be >= 0, got -1'),
     'train: unwritable output folder': Case(
         'train', lambda i: train_argv(i, 'digits', '--output', str(i.not_a_file / 'runs')),
         'cannot write to the output folder'),
@@ -527,6 +554,14 @@ CASES = {
     'validate: classes differ from the checkpoint\'s': Case(
         'validate', lambda i: [str(i.data), '--checkpoint', str(i.previous / 'last.pth.tar')],
         "the 'validation' split has other classes than the model was trained on (lacks ['0', "),
+    'validate: unknown --interpolation': Case(
+        'validate', lambda i: ['digits', '--model', 'test_resnet', '--interpolation', 'cubic'],
+        "--interpolation 'cubic' is not an interpolation timm knows"),
+    'validate: --crop-pct above 1 (a zero-padded crop)': Case(
+        'validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-pct', '2'],
+        '--crop-pct is the share of the resized image the evaluation crop keeps, in (0, 1], got 2.0'),
+    'validate: unknown --crop-mode': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-mode', 'x'],
+                                          "--crop-mode 'x' is not one of center, squash, border"),
     'validate: truncated checkpoint': Case('validate', lambda i: ['digits', '--checkpoint', str(i.truncated)],
                                            'is not a timm training checkpoint'),
     'validate: empty data folder': Case('validate', lambda i: [str(i.empty), '--model', 'test_resnet'], 'is empty'),

@@ -555,7 +555,7 @@ def _check_yaml_number(key: str, value: Any, action: argparse.Action, path: str)
 # options that must lie in a range: (name, minimum)
 _TRAIN_MINIMA = (('epochs', 1), ('batch_size', 1), ('workers', 0), ('grad_accum_steps', 1),
                  ('checkpoint_hist', 1), ('recovery_interval', 0), ('pad_crop', 0),
-                 ('val_interval', 1))
+                 ('val_interval', 1), ('start_epoch', 0))
 _VALIDATE_MINIMA = (('batch_size', 1), ('workers', 0), ('naflex_max_seq_len', 1))
 # one rule for every learning rate, decay, momentum and strength: none is negative (timm takes a negative one and
 # trains with it: a negative rate is gradient ascent, a negative decay grows the weights)
@@ -596,6 +596,63 @@ def _check_rates(args: argparse.Namespace) -> None:
     for beta in args.opt_betas or ():
         if not 0 <= beta < 1:
             raise ConfigError(f"--opt-betas must each be in [0, 1), got {args.opt_betas}")
+
+
+# the names timm's transforms take (timm.data.transforms.str_to_interp_mode; 'random' for training only), and the
+# modes timm's RandomErasing, Mixup, gradient clipping and evaluation crop know: timm asserts on another, or
+# raises a KeyError, once the model is built (Mixup silently mixes per batch)
+_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+_MODES = (('remode', ('const', 'rand', 'pixel')), ('mixup_mode', ('batch', 'pair', 'elem')),
+          ('clip_mode', ('norm', 'value', 'agc')), ('crop_mode', ('center', 'squash', 'border')))
+
+
+def _check_transforms(args: argparse.Namespace) -> None:
+    """ConfigErrors, for both scripts, for data-transform options timm would assert on (or take silently wrong):
+    --mean/--std of another count than the input's channels (one value is repeated, as timm does), a std <= 0,
+    --crop-pct outside (0, 1] (0 is ignored, above 1 zero-pads the crop), --scale/--ratio not MIN <= MAX, an
+    interpolation, mode or AutoAugment policy timm does not know."""
+    # the input's channels as timm's resolve_data_config takes them
+    channels, source = ((args.input_size[0], "--input-size's first value") if args.input_size else
+                        (args.in_chans, '--in-chans') if args.in_chans else (3, "timm's default"))
+    for name in ('mean', 'std'):
+        values = getattr(args, name)
+        if values is not None and len(values) not in (1, channels):
+            raise ConfigError(f"--{name} takes one value per input channel ({channels}, {source}) or one for all, "
+                              f"got {len(values)}: {values}")
+    if args.std is not None and min(args.std) <= 0:
+        raise ConfigError(f"--std must be > 0 (the input is divided by it), got {args.std}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ConfigError(f"--crop-pct is the share of the resized image the evaluation crop keeps, in (0, 1], got "
+                          f"{args.crop_pct}")
+    for name, low in (('scale', 0), ('ratio', 1e-12)):
+        values = getattr(args, name, None)
+        if values is not None and (len(values) != 2 or not low <= values[0] <= values[1]):
+            raise ConfigError(f"--{name} takes two values, MIN <= MAX{' (both > 0)' if low else ''}, got {values}")
+    for name, extra in (('interpolation', ('',)), ('train_interpolation', ('random',))):
+        value = getattr(args, name, None)
+        if value is not None and value not in (*_INTERPOLATIONS, *extra):
+            names = _INTERPOLATIONS + tuple(e for e in extra if e)
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not an interpolation timm knows: one of "
+                              f"{', '.join(names)}")
+    for name, modes in _MODES:
+        value = getattr(args, name, None)
+        if value and value not in modes:
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(modes)}")
+    if getattr(args, 'aa', None):
+        _check_auto_augment(args.aa)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """A ConfigError when timm's AutoAugment/RandAugment/AugMix builder refuses `policy` (as it would once the
+    loaders are built)."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    build = (rand_augment_transform if policy.startswith('rand') else
+             augment_and_mix_transform if policy.startswith('augmix') else auto_augment_transform)
+    try:
+        build(policy, dict(translate_const=100, img_mean=(124, 116, 104)))
+    except (AssertionError, KeyError, ValueError) as e:
+        raise ConfigError(f"--aa {policy!r} is not a policy timm knows ({str(e) or 'a section it cannot read'}): e.g. "
+                          "rand-m9-mstd0.5, augmix-m5-w4-d2, original, v0, 3a") from None
 
 
 def _check_mixup(args: argparse.Namespace) -> None:
@@ -664,6 +721,7 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     _check_minima(args, _TRAIN_MINIMA)
     _check_rates(args)
     _check_mixup(args)
+    _check_transforms(args)
     _check_model_and_loader_flags(args)
     if first.img_size is not None and first.input_size is None and args.input_size is not None:
         # --img-size on the command line beats an input_size from the recipe or config file, keeping its channels
@@ -708,6 +766,7 @@ def parse_validate_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     _check_finite(args, parser)
     _check_minima(args, _VALIDATE_MINIMA)
+    _check_transforms(args)
     extension = os.path.splitext(args.results_file)[1].lower()[1:]
     if args.results_file and not args.results_format and extension not in RESULTS_FORMATS:
         raise ConfigError(f"--results-file {args.results_file!r} must end in .csv or .json, or give --results-format "
