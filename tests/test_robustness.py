@@ -440,6 +440,26 @@ CASES = {
                                        "--aa 'randaugment' is not a policy timm knows"),
     'train: negative --start-epoch': Case('train', lambda i: train_argv(i, 'digits', '--start-epoch', '-1'),
                                           '--start-epoch must be >= 0, got -1'),
+    'train: --model-ema-decay 1 (the EMA never moves)': Case(
+        'train', lambda i: train_argv(i, 'digits', '--model-ema', '--model-ema-decay', '1'),
+        '--model-ema-decay must be in [0, 1), got 1.0'),
+    'train: --bce-target-thresh 2 (every target 0)': Case(
+        'train', lambda i: train_argv(i, 'digits', '--bce-loss', '--smoothing', '0.1', '--bce-target-thresh', '2'),
+        '--bce-target-thresh must be in [0, 1), got 2.0'),
+    'train: unknown --dist-bn': Case('train', lambda i: train_argv(i, 'digits', '--dist-bn', 'mean'),
+                                     "--dist-bn 'mean' is not one of broadcast, reduce"),
+    'train: --model-kwargs item without =': Case(
+        'train', lambda i: train_argv(i, 'digits', '--model-kwargs', 'stem_width'),
+        "argument --model-kwargs: expected KEY=VALUE items, got 'stem_width'"),
+    'train: --model-kwargs the model does not take': Case(
+        'train', lambda i: train_argv(i, 'digits', '--model-kwargs', 'width=2'),
+        "--model-kwargs {{'width': 2}}: 'test_resnet' does not take it (ResNet.__init__() got an unexpected keyword"),
+    'train: --opt-kwargs the optimizer does not take': Case(
+        'train', lambda i: train_argv(i, 'digits', '--opt-kwargs', 'nesterow=True'),
+        "--opt-kwargs {{'nesterow': True}}: SGD.__init__() got an unexpected keyword argument 'nesterow'"),
+    'train: --opt-kwargs of an option': Case(
+        'train', lambda i: train_argv(i, 'digits', '--opt-kwargs', 'momentum=0.5'),
+        "--opt-kwargs {{'momentum': 0.5}}: "),
     'train: unwritable output folder': Case(
         'train', lambda i: train_argv(i, 'digits', '--output', str(i.not_a_file / 'runs')),
         'cannot write to the output folder'),
@@ -802,6 +822,13 @@ def test_a_recovery_checkpoint_needs_the_same_batch_and_an_epoch_checkpoint_drop
         assert any(f'was trained with {expected}: its self-distillation state' in r.getMessage()
                    for r in caplog.records)
         assert [r['epoch'] for r in summary(tmp_path / changed[-1])] == ['1']
+
+
+def test_bce_loss_without_soft_targets_warns_that_it_trains_with_cross_entropy(tmp_path, caplog):
+    assert run_train(['digits', *FAST, '-b', '128', '--epochs', '1', '--bce-loss', '--output', str(tmp_path),
+                      '--experiment', 'bce']) == 0
+    assert any(r.getMessage().startswith('--bce-loss is used only with Mixup/CutMix or --smoothing')
+               for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def test_img_size_on_the_command_line_beats_the_recipes_input_size():

@@ -141,10 +141,21 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     _add_model_run_args(group, training)
 
 
+class _KeyValues(ParseKwargs):
+    """timm's ParseKwargs (KEY=VALUE, values as Python literals, else strings) with argparse's one-line error for an
+    item without '=' (timm's raises a bare ValueError)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        malformed = [value for value in values if value and '=' not in value]
+        if malformed:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE items, got {malformed[0]!r}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _add_model_run_args(group: argparse._ArgumentGroup, training: bool) -> None:
     """The model options of how it runs (layout, compilation, dtype, gradients), in the model group."""
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=_KeyValues,
                        help='extra model kwargs, key=value')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='enable compilation w/ specified backend (default: inductor).')
@@ -187,7 +198,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
                        help='layer-wise lr decay minimum scale clamp (default: 0)')
     group.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
                        help='layer-wise lr decay scale below which parameters are not optimized (default: None)')
-    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=_KeyValues,
                        help='extra optimizer kwargs, key=value (saved as opt_kwargs, as timm does)')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
@@ -568,8 +579,9 @@ _NON_NEGATIVE = ('lr', 'lr_base', 'warmup_lr', 'min_lr', 'weight_decay', 'moment
 _SHARES = (('smoothing', 1., False), ('drop', 1., False), ('drop_path', 1., False), ('drop_block', 1., False),
            ('hflip', 1., True), ('vflip', 1., True), ('reprob', 1., True), ('mixup_prob', 1., True),
            ('mixup_switch_prob', 1., True), ('color_jitter_prob', 1., True), ('grayscale_prob', 1., True),
-           ('gaussian_blur_prob', 1., True), ('model_ema_decay', 1., True), ('bn_momentum', 1., True),
-           ('label_noise', 1., False))
+           ('gaussian_blur_prob', 1., True), ('bn_momentum', 1., True), ('label_noise', 1., False),
+           ('model_ema_decay', 1., False),  # 1 never updates the EMA: the untrained model would be evaluated
+           ('bce_target_thresh', 1., False))  # targets are 1 above it: at 1 or more every target would be 0
 
 
 def _check_minima(args: argparse.Namespace, minima) -> None:
@@ -599,11 +611,12 @@ def _check_rates(args: argparse.Namespace) -> None:
 
 
 # the names timm's transforms take (timm.data.transforms.str_to_interp_mode; 'random' for training only), and the
-# modes timm's RandomErasing, Mixup, gradient clipping and evaluation crop know: timm asserts on another, or
-# raises a KeyError, once the model is built (Mixup silently mixes per batch)
+# modes timm's RandomErasing, Mixup, gradient clipping, evaluation crop and --dist-bn know: timm asserts on another,
+# or raises a KeyError, once the model is built (Mixup silently mixes per batch, --dist-bn does nothing)
 _INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 _MODES = (('remode', ('const', 'rand', 'pixel')), ('mixup_mode', ('batch', 'pair', 'elem')),
-          ('clip_mode', ('norm', 'value', 'agc')), ('crop_mode', ('center', 'squash', 'border')))
+          ('clip_mode', ('norm', 'value', 'agc')), ('crop_mode', ('center', 'squash', 'border')),
+          ('dist_bn', ('broadcast', 'reduce')))
 
 
 def _check_transforms(args: argparse.Namespace) -> None:

@@ -38,7 +38,7 @@ from timm.utils import NativeScaler, distribute_bn, random_seed
 from ..data.factory import check_training_classes, create_split_dataset, dataset_classes
 from ..data.images import CheckedImageDataset, check_image_headers
 from ..data.noise import noisy_label_mask, weight_noise_metrics
-from ..methods import get_method
+from ..methods import bce_active, get_method
 from ..protocol import SelfDistillationTask
 from .batches import batch_loss_scale
 from .builders import (
@@ -46,7 +46,7 @@ from .builders import (
 from .checkpoint import (
     SUMMARY_ROW, ResumePoint, TrainCheckpointSaver, gather_rank_states, resume_training, set_rng_state)
 from .engine import LoopOptions, train_one_epoch, validate
-from .errors import ConfigError, Preempted
+from .errors import ConfigError, Preempted, first_line
 from .naflex import check_naflex_args
 from .preemption import PreemptionSignal
 from .recovery import RecoveryCheckpoints, restore_recovery
@@ -99,6 +99,9 @@ class TrainSession:
             _logger.info(f"Training with a single process on 1 device ({args.device}).")
         if self.primary and args.push_to_hub:
             self.check_push_target()  # before training: a bad repo id or a missing token is found now
+        if self.primary and args.bce_loss and not bce_active(args):  # timm's train.py ignores it without a word
+            _logger.warning("--bce-loss is used only with Mixup/CutMix or --smoothing (soft targets), as in timm's "
+                            "train.py: this run trains with cross-entropy")
         random_seed(args.seed, args.rank)
 
     def create_data(self) -> None:
@@ -156,8 +159,15 @@ class TrainSession:
     def create_optimizer(self) -> None:
         args = self.args
         resolve_lr(args, log=self.primary)
-        self.optimizer = create_optimizer_v2(
-            optimizer_module(self.task, self.model), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+        try:
+            self.optimizer = create_optimizer_v2(
+                optimizer_module(self.task, self.model), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+        except TypeError as e:  # an --opt-kwargs key the optimizer does not take, or one with its own option
+            if not args.opt_kwargs or 'keyword argument' not in str(e):
+                raise
+            raise ConfigError(f"--opt-kwargs {args.opt_kwargs}: {first_line(e)}; give only arguments of the "
+                              f"{args.opt!r} optimizer that have no option of their own (--lr, --momentum, "
+                              "--weight-decay, --opt-eps, --opt-betas, ...)") from None
         if self.primary:
             defaults = {**self.optimizer.defaults, 'weight_decay': args.weight_decay}  # timm's: wd not in defaults
             _logger.info(f"Created {type(self.optimizer).__name__} ({args.opt}) optimizer: "

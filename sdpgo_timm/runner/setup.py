@@ -27,7 +27,7 @@ from ..data.factory import class_difference, data_signature, dataset_num_classes
 from ..pretrained import check_model_name, ensure_cached
 from .checkpoint import load_weights_file, load_weights_into
 from .batches import policy_batch_size
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .naflex import create_naflex_eval_loader, model_patch_size
 
 _logger = logging.getLogger(__name__)
@@ -165,9 +165,15 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
         set_jit_fuser(args.fuser)
     # timm's resolver turns --input-size/--img-size/--in-chans into model arguments only where the model takes
     # them (fixed-size models such as ViT get img_size; a ResNet does not)
-    model = timm.create_model(
-        **resolve_model_input_args(args.model, vars(args), **kwargs), pretrained=args.pretrained,
-        drop_rate=getattr(args, 'drop', 0.), scriptable=getattr(args, 'torchscript', False) or None)
+    try:
+        model = timm.create_model(
+            **resolve_model_input_args(args.model, vars(args), **kwargs), pretrained=args.pretrained,
+            drop_rate=getattr(args, 'drop', 0.), scriptable=getattr(args, 'torchscript', False) or None)
+    except TypeError as e:  # a --model-kwargs key the model's constructor does not take
+        if not args.model_kwargs or 'keyword argument' not in str(e):
+            raise
+        raise ConfigError(f"--model-kwargs {args.model_kwargs}: {args.model!r} does not take it ({first_line(e)}); "
+                          "use the argument names of the model's constructor") from None
     if getattr(args, 'head_init_scale', None) is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
