@@ -755,11 +755,14 @@ def test_a_missing_summary_row_comes_back_from_its_checkpoint(sdpgo_run, tmp_pat
 
 
 def test_resume_with_ema_from_a_checkpoint_without_ema_starts_the_ema_at_the_resumed_weights(
-        sdpgo_run, tmp_path, caplog):
+        sdpgo_run, tmp_path, caplog, monkeypatch):
     """timm builds its EMA after the resume; ours exists before it and must not keep the random initialisation.
-    With decay 1 the EMA never moves, so it must still be epoch 0's weights at the end."""
+    With its update switched off the EMA never moves (--model-ema-decay 1 is refused), so it must still be epoch
+    0's weights at the end."""
+    from timm.utils import ModelEmaV3
+    monkeypatch.setattr(ModelEmaV3, 'update', lambda self, model, step=None: None)
     assert 'state_dict_ema' not in load_checkpoint_file(str(sdpgo_run / 'checkpoint-0.pth.tar'))
-    assert run_train([*SDPGO, '--model-ema', '--model-ema-decay', '1.0', '--resume',
+    assert run_train([*SDPGO, '--model-ema', '--resume',
                       str(sdpgo_run / 'checkpoint-0.pth.tar'), '--output', str(tmp_path), '--experiment', 'ema']) == 0
     assert any('has no EMA weights: --model-ema starts from the resumed model' in r.getMessage()
                for r in caplog.records)
