@@ -440,6 +440,12 @@ CASES = {
                                        "--aa 'randaugment' is not a policy timm knows"),
     'train: negative --start-epoch': Case('train', lambda i: train_argv(i, 'digits', '--start-epoch', '-1'),
                                           '--start-epoch must be >= 0, got -1'),
+    'train: --val-split the training split': Case(
+        'train', lambda i: train_argv(i, 'digits', '--val-split', 'train'),
+        "--val-split 'train' is the training split 'train': its scores would be training scores"),
+    'train: fashion-mnist trainval evaluated on its validation images': Case(
+        'train', lambda i: train_argv(i, 'fashion-mnist', '--train-split', 'trainval', '--data-dir', str(i.empty)),
+        "--val-split 'validation' lies within the training split 'trainval'"),
     'train: --model-ema-decay 1 (the EMA never moves)': Case(
         'train', lambda i: train_argv(i, 'digits', '--model-ema', '--model-ema-decay', '1'),
         '--model-ema-decay must be in [0, 1), got 1.0'),

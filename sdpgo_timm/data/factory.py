@@ -45,6 +45,23 @@ def _in_memory_split(benchmark: str, split: str) -> str:
     return name
 
 
+def check_evaluation_split(args: argparse.Namespace) -> None:
+    """A ValueError when --val-split is the training split or lies within it (fashion-mnist's `trainval` holds the
+    `validation` images): its scores would be training scores, reported as evaluation ones."""
+    train, val = args.train_split, args.val_split
+    if not val:
+        return
+    in_memory = args.data in _IN_MEMORY_SPLITS
+    if in_memory:  # split names as the benchmark reads them ('val' is 'validation')
+        train, val = _in_memory_split(args.data, train), _in_memory_split(args.data, val)
+    inside = in_memory and train == 'trainval' and val in ('train', 'validation')
+    if val == train or inside:
+        raise ValueError(f"--val-split {args.val_split!r} {'is' if val == train else 'lies within'} the training "
+                         f"split {args.train_split!r}: its scores would be training scores; evaluate on another split "
+                         "(with fashion-mnist's trainval: --val-split test), or pass --val-split '' to train without "
+                         "evaluation")
+
+
 def _create_in_memory(args: argparse.Namespace, split: str, is_training: bool) -> Dataset:
     """A split of digits or fashion-mnist, with the training-only options read with defaults (validate.py lacks
     them)."""

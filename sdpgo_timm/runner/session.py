@@ -35,7 +35,8 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, distribute_bn, random_seed
 
-from ..data.factory import check_training_classes, create_split_dataset, dataset_classes
+from ..data.factory import (
+    check_evaluation_split, check_training_classes, create_split_dataset, dataset_classes)
 from ..data.images import CheckedImageDataset, check_image_headers
 from ..data.noise import noisy_label_mask, weight_noise_metrics
 from ..methods import bce_active, get_method
@@ -106,6 +107,7 @@ class TrainSession:
 
     def create_data(self) -> None:
         args = self.args
+        check_evaluation_split(args)
         self.dataset_train = create_split_dataset(args, args.train_split, is_training=True)
         # as timm: an empty --val-split trains without evaluation, and the training loss picks the best checkpoint
         self.dataset_eval = create_split_dataset(args, args.val_split, is_training=False) if args.val_split else None
