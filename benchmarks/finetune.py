@@ -192,8 +192,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--pretrain-epochs', type=int, default=5)
     parser.add_argument('--epochs', type=int, default=20, help='fine-tuning and scratch epochs')
     parser.add_argument('--val-interval', type=int, default=5)
-    parser.add_argument('--lrs', type=float, nargs='+', default=[0.003, 0.01, 0.03], help='fine-tuning lr grid')
-    parser.add_argument('--scratch-lrs', type=float, nargs='+', default=[0.01, 0.03])
+    parser.add_argument('--lrs', type=float, nargs='+', default=None,
+                        help='fine-tuning lr grid (default: 0.003 0.01 0.03; --quick: 0.01)')
+    parser.add_argument('--scratch-lrs', type=float, nargs='+', default=None,
+                        help='from-scratch lr grid (default: 0.01 0.03; --quick: 0.01)')
     parser.add_argument('--batch-size', type=int, default=64, help='batch of the replay methods (others: half)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--eval-split', default='test', choices=('validation', 'test'),
@@ -211,7 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         args.model, args.pretrain_epochs, args.epochs, args.val_interval = 'test_resnet', 1, 1, 1
         args.source_per_class, args.train_per_class, args.seeds = 40, 20, args.seeds[:1]
-        args.lrs, args.scratch_lrs, args.batch_size = args.lrs[:1], args.scratch_lrs[:1], 16
+        args.batch_size = 16
+    args.lrs = args.lrs or ([0.01] if args.quick else [0.003, 0.01, 0.03])
+    args.scratch_lrs = args.scratch_lrs or ([0.01] if args.quick else [0.01, 0.03])
     stem = args.out_stem or str(ROOT / 'benchmarks' / 'results' / ('finetune_quick' if args.quick else 'finetune'))
     work = Path(args.work or ('runs/finetune-quick' if args.quick else 'runs/finetune-study'))
     runs = work / 'runs'
