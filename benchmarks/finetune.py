@@ -102,7 +102,8 @@ def publish(checkpoint: Path, hf_home: Path, monkeypatch) -> str:
 
 
 def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, model: str) -> Dict:
-    """One train.py run on the target task; its last-epoch validation top-1, losses and steps."""
+    """One train.py run on the target task; its last-epoch validation top-1, losses and steps. `--resume auto`: a run
+    an earlier invocation finished is kept as it is, one it left unfinished goes on where it stopped."""
     method, start, lr, seed = run
     spec = METHODS[method]
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
@@ -110,7 +111,7 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
     argv = [str(target), *weights, '--num-classes', str(len(args.target_classes)), *RECIPE, *TRAIN_RECIPE,
             '--epochs', str(args.epochs), '--batch-size', str(batch), '--lr', str(lr), '--warmup-lr', str(lr / 10),
             '--seed', str(seed), '--val-split', 'validation', '--val-interval', str(args.val_interval),
-            '--output', str(runs), '--experiment', run_name(run), *spec['flags']]
+            '--output', str(runs), '--experiment', run_name(run), '--resume', 'auto', *spec['flags']]
     if train.main(argv) != 0:
         raise RuntimeError(f"train.py {shlex.join(argv)} failed")
     rows = list(csv.DictReader(open(runs / run_name(run) / 'summary.csv')))
@@ -227,8 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     monkeypatch = pytest.MonkeyPatch()
     try:
         model = publish(checkpoint, work / 'hf_home', monkeypatch)
-        todo: List[Run] = [(m, 'fine-tuned', lr, s) for m in args.methods for lr in args.lrs for s in args.seeds]
-        todo += [(m, 'scratch', lr, s) for m in args.scratch_methods for lr in args.scratch_lrs for s in args.seeds]
+        # by seed first: should the study be stopped, every method has the same seeds done
+        todo: List[Run] = [(m, 'fine-tuned', lr, s) for s in args.seeds for lr in args.lrs for m in args.methods]
+        todo += [(m, 'scratch', lr, s) for s in args.seeds for lr in args.scratch_lrs for m in args.scratch_methods]
         with _executor(args) as pool:
             futures = {run: pool.submit(fine_tune, run, args, target, runs, model) for run in todo}
             rows = [dict(method=r[0], start=r[1], lr=r[2], seed=r[3], **f.result()) for r, f in futures.items()]
