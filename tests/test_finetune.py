@@ -16,11 +16,12 @@ import torch
 import timm
 from timm.optim import param_groups_layer_decay
 from sdpgo_timm import hub
+from sdpgo_timm.pretrained import register_pretrained
 from sdpgo_timm.runner.checkpoint import load_checkpoint_file
 from sdpgo_timm.taps import layers_without_gradient
-from conftest import FAST, FOLDER_CLASSES, run_train
+from conftest import FAST, FOLDER_CLASSES, run_train, summary
 from fakehub import fake_hub, set_offline, use_cache  # noqa: F401 (fixture)
-from test_hub import save_checkpoint, trained_model
+from test_hub import save_checkpoint, timm_registry, trained_model  # noqa: F401 (autouse fixture: tags stay here)
 
 REPO = 'sdpgo/test-resnet-pretrained'
 HEAD = ('fc.weight', 'fc.bias')
@@ -70,12 +71,24 @@ def test_hub_weights_offline_train_with_a_new_head(method, pushed, fake_hub, ima
     seen = len(fake_hub.requests)
     assert train_folder(image_folder, tmp_path, '--model', f'hf-hub:{REPO}', '--pretrained', *METHODS[method],
                         *LR_ZERO_EPOCH, '--head-init-scale', '0', '--head-init-bias', '0.25') == 0
-    assert len(fake_hub.requests) == seen
+    assert len(fake_hub.requests) == seen and float(summary(tmp_path / 'run')[0]['lr']) == 0  # the warm-up epoch
     assert 'pretrained weights of 10 classes: new 3-class head (fc) initialised' in info_lines()
     weights = saved_weights(tmp_path)
     assert_backbone_equal(weights, pushed.state_dict())
     assert weights['fc.weight'].shape[0] == len(FOLDER_CLASSES) and not weights['fc.weight'].any()
     assert torch.equal(weights['fc.bias'], torch.full((len(FOLDER_CLASSES),), 0.25))
+
+
+def test_registered_tag_offline_trains_from_the_cache(pushed, fake_hub, image_folder, tmp_path,
+                                                     monkeypatch):  # noqa: F811
+    """--model arch.tag --pretrained (a tag sdpgo_timm registered, its weights on the Hub and cached) offline."""
+    register_pretrained('test_resnet', 'sdpgo_ft', hf_hub_id=REPO, num_classes=10)
+    set_offline(monkeypatch)
+    seen = len(fake_hub.requests)
+    assert train_folder(image_folder, tmp_path, '--model', 'test_resnet.sdpgo_ft', '--pretrained', '--sdpgo',
+                        *LR_ZERO_EPOCH) == 0
+    assert len(fake_hub.requests) == seen
+    assert_backbone_equal(saved_weights(tmp_path), pushed.state_dict())
 
 
 @pytest.mark.parametrize('model,repo', [(f'hf-hub:{REPO}', REPO), ('test_resnet', 'timm/test_resnet.r160_in1k')])
@@ -160,12 +173,14 @@ def test_initial_checkpoint_with_another_head_is_refused_naming_pretrained_path(
     assert not (tmp_path / 'out').exists()
 
 
-def test_layer_decay_freezing_and_ema_with_sdpgo(image_folder, tmp_path):
+@pytest.mark.parametrize('method', METHODS)
+def test_layer_decay_freezing_and_ema(method, image_folder, tmp_path):
     """--layer-decay gives timm's per-group lr scales; --layer-decay-no-opt-scale freezes the groups below it at the
-    pretrained weights (in the EMA too); the taps on layer3 and layer4 still see every step's gradient."""
+    pretrained weights (in the EMA too); with --sdpgo the taps on layer3 and layer4 still see every step's
+    gradient."""
     path = _weights_files(tmp_path)['safetensors']
     assert train_folder(image_folder, tmp_path, '--model', 'test_resnet', '--pretrained', '--pretrained-path',
-                        str(path), '--sdpgo', '--epochs', '1', '--lr', '0.05', '--layer-decay', '0.5',
+                        str(path), *METHODS[method], '--epochs', '1', '--lr', '0.05', '--layer-decay', '0.5',
                         '--layer-decay-no-opt-scale', '0.2', '--model-ema', '--model-ema-decay', '0.5') == 0
     checkpoint = load_checkpoint_file(str(tmp_path / 'run' / 'last.pth.tar'))
     reference = timm.create_model('test_resnet', num_classes=len(FOLDER_CLASSES))
@@ -179,10 +194,13 @@ def test_layer_decay_freezing_and_ema_with_sdpgo(image_folder, tmp_path):
     pretrained = trained_model(0).state_dict()
     for key in ('state_dict', 'state_dict_ema'):
         assert all(torch.equal(checkpoint[key][n], pretrained[n]) for n in frozen), key
-    assert not torch.equal(checkpoint['state_dict']['layer3.0.conv1.weight'], pretrained['layer3.0.conv1.weight'])
-    pwa = checkpoint['task_state']['pwa']
-    steps = len(FOLDER_CLASSES) * 8 // 4  # 24 fresh images, 4 a step (half of each batch of 8 is replay)
-    assert pwa['steps'] == steps and [int(layer['count']) for layer in pwa['layers']] == [steps, steps]
+    trained = 'layer3.0.conv1.weight'
+    assert not torch.equal(checkpoint['state_dict'][trained], pretrained[trained])
+    assert not torch.equal(checkpoint['state_dict_ema'][trained], checkpoint['state_dict'][trained])  # an average
+    if method == 'sdpgo':
+        pwa = checkpoint['task_state']['pwa']
+        steps = len(FOLDER_CLASSES) * 8 // 4  # 24 fresh images, 4 a step (half of each batch of 8 is replay)
+        assert pwa['steps'] == steps and [int(layer['count']) for layer in pwa['layers']] == [steps, steps]
 
 
 def test_taps_on_frozen_layers_are_refused_before_training(image_folder, tmp_path, error_lines):
