@@ -153,7 +153,7 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
         source = (f"--pretrained-path {pretrained_path!r}" if pretrained_path
                   else f"the pretrained weights of {args.model!r}")
         raise ConfigError(f"{source} do not fit --model {args.model!r}: {one_line(e)}") from None
-    if args.pretrained:
+    if args.pretrained and getattr(args, 'rank', 0) == 0:
         log_new_head(model, pretrained_path)
     if getattr(args, 'head_init_scale', None) is not None:
         with torch.no_grad():
