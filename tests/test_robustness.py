@@ -428,7 +428,8 @@ CASES = {
     'train: --initial-checkpoint of another class count': Case(
         'train', lambda i: train_argv(i, 'digits', '--num-classes', '12', '--initial-checkpoint',
                                       str(i.previous / 'last.pth.tar'), experiment='new'),
-        "does not fit --model 'test_resnet' with 12 classes"),
+        "has a 10-class head (fc) and the model 12 classes: --initial-checkpoint loads every weight as it is; to "
+        "start from its backbone with a new head pass --pretrained --pretrained-path"),
     'train: non-finite option': Case('train', lambda i: train_argv(i, 'digits', '--lr', 'nan', experiment='new'),
                                      '--lr must be a finite number, got nan'),
     'train: a list for a one-value option in YAML': Case(

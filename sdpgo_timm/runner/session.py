@@ -52,8 +52,8 @@ from .recovery import RecoveryCheckpoints, restore_recovery
 from .resume import resolve_resume, resume_in_place
 from .rundir import create_output_dir
 from .setup import (
-    check_cpu_bfloat16_convolutions, check_num_classes, create_autocast, create_eval_loader, create_timm_model,
-    init_device, resolve_lr, resolve_model_dtype)
+    check_cpu_bfloat16_convolutions, check_num_classes, check_taps_get_gradients, create_autocast, create_eval_loader,
+    create_timm_model, init_device, resolve_lr, resolve_model_dtype)
 from .summary import append_summary
 from .tracking import start_wandb
 
@@ -153,6 +153,8 @@ class TrainSession:
         resolve_lr(args, log=self.primary)
         self.optimizer = create_optimizer_v2(
             optimizer_module(self.task, self.model), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+        # timm's --layer-decay-no-opt-scale froze the layers below that scale just now: PWA's taps must still train
+        check_taps_get_gradients(args, self.task, self.model, self.data_config['input_size'])
         if self.primary:
             defaults = {**self.optimizer.defaults, 'weight_decay': args.weight_decay}  # timm's: wd not in defaults
             _logger.info(f"Created {type(self.optimizer).__name__} ({args.opt}) optimizer: "
