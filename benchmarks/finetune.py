@@ -55,6 +55,23 @@ STARTS = ('fine-tuned', 'scratch')
 Run = Tuple[str, str, float, int]  # (method, start, lr, seed)
 
 
+# label_noise.py's methods that are one train.py run each (not CE×2's doubled epochs, not KD's teacher run first)
+SINGLE_RUN_METHODS = [m for m, spec in METHODS.items() if not spec.get('teacher') and spec['epochs'] == 1]
+
+
+def method_specs(variants: Sequence[str]) -> Dict[str, Dict]:
+    """The methods a study may run: SINGLE_RUN_METHODS and each `NAME=METHOD:FLAGS` variant (METHOD plus FLAGS)."""
+    specs = {m: METHODS[m] for m in SINGLE_RUN_METHODS}
+    for text in variants:
+        name, _, rest = text.partition('=')
+        base, _, flags = rest.partition(':')
+        if not name or name in specs or base not in SINGLE_RUN_METHODS:
+            raise ValueError(f"--variant {text!r}: expected NEW_NAME=METHOD:FLAGS with METHOD one of "
+                             f"{' '.join(SINGLE_RUN_METHODS)}")
+        specs[name] = dict(METHODS[base], flags=[*METHODS[base]['flags'], *shlex.split(flags)])
+    return specs
+
+
 def run_name(run: Run) -> str:
     method, start, lr, seed = run
     return f"{method}-{start}-lr{lr:g}-s{seed}".replace('+', 'p')
@@ -105,7 +122,7 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
     """One train.py run on the target task; its last-epoch validation top-1, losses and steps. `--resume auto`: a run
     an earlier invocation finished is kept as it is, one it left unfinished goes on where it stopped."""
     method, start, lr, seed = run
-    spec = METHODS[method]
+    spec = args.specs[method]
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
     weights = ['--model', model, '--pretrained'] if start == 'fine-tuned' else ['--model', args.model]
     argv = [str(target), *weights, '--num-classes', str(len(args.target_classes)), *RECIPE, *TRAIN_RECIPE,
@@ -159,7 +176,8 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], rows: List[Dict]
                                for m in dict.fromkeys(r['method'] for r in rows)) + "). "
         f"Seeds {args.seeds}; lr chosen per method and start on the validation split (grid: fine-tuned {args.lrs}, "
         f"scratch {args.scratch_lrs}); torch {torch.__version__}; {args.jobs} run(s) at a time, {args.threads} torch "
-        f"thread(s) each; wall time {wall:.0f} s.", '',
+        f"thread(s) each; wall time {wall:.0f} s." + ''.join(f" Variant {v.replace('=', ' = ', 1).replace(':', ' with ', 1)}."
+                                                      for v in args.variant), '',
         f"| method | start | lr | {args.eval_split} top-1 | validation top-1 |", '|---|---|---:|---:|---:|',
     ]
     for method, start in cells:
@@ -182,9 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='resnet18', help='timm model (default: resnet18)')
     parser.add_argument('--methods', nargs='+', default=['CE', 'CE+LS', 'DLB', 'PS-KD', 'SDPGO'],
-                        choices=[m for m, spec in METHODS.items() if not spec.get('teacher') and spec['epochs'] == 1])
-    parser.add_argument('--scratch-methods', nargs='+', default=['CE', 'SDPGO'],
-                        choices=[m for m, spec in METHODS.items() if not spec.get('teacher') and spec['epochs'] == 1])
+                        help=f"fine-tuned: any of {' '.join(SINGLE_RUN_METHODS)} or a --variant")
+    parser.add_argument('--scratch-methods', nargs='+', default=['CE', 'SDPGO'], help='trained from scratch')
+    parser.add_argument('--variant', action='append', default=[], metavar='NAME=METHOD:FLAGS',
+                        help="a method with more train.py flags, usable in --methods, e.g. "
+                             "'SDPGO-topk-all=SDPGO:--sdpgo-topk -1'")
     parser.add_argument('--source-classes', type=int, nargs='+', default=[1, 3, 5, 7, 9])
     parser.add_argument('--target-classes', type=int, nargs='+', default=[0, 2, 4, 6, 8],
                         help='default: T-shirt/top, Pullover, Coat, Shirt, Bag (the four confusable tops)')
@@ -211,6 +231,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--quick', action='store_true', help='smoke run: test_resnet, 1 epoch, one seed, one lr')
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    try:
+        args.specs = method_specs(args.variant)
+    except ValueError as e:
+        parser.error(str(e))
+    unknown = [m for m in args.methods + args.scratch_methods if m not in args.specs]
+    if unknown:
+        parser.error(f"unknown method(s) {' '.join(unknown)}: use {' '.join(args.specs)} or define a --variant")
     if args.quick:
         args.model, args.pretrain_epochs, args.epochs, args.val_interval = 'test_resnet', 1, 1, 1
         args.source_per_class, args.train_per_class, args.seeds = 40, 20, args.seeds[:1]
