@@ -41,15 +41,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests'), str(ROOT / 'benchmarks')]
 import train  # noqa: E402  (the product's own entry points)
 import validate  # noqa: E402
 from label_noise import METHODS, _executor, mean_std, plot, write_csv  # noqa: E402
+from sdpgo_timm.data.benchmarks import HPARAMS_DIR  # noqa: E402
 from sdpgo_timm.data.export import export_image_folder  # noqa: E402
 
-# Fashion-MNIST at its own size, read from the exported PNGs: grey images given to the model as RGB, the
-# default recipe's normalisation, flip-only augmentation (timm's random-resized crop made the identity)
-RECIPE = ['--input-size', '3', '28', '28', '--mean', '0.2860', '0.2860', '0.2860', '--std', '0.3530', '0.3530',
-          '0.3530', '--interpolation', 'bilinear', '--crop-pct', '1', '--workers', '0']
-TRAIN_RECIPE = ['--train-interpolation', 'bilinear', '--scale', '1', '1', '--ratio', '1', '1', '--hflip', '0.5',
-                '--color-jitter', '0', '--opt', 'sgd', '--momentum', '0.9', '--weight-decay', '5e-4', '--sched',
-                'cosine', '--warmup-epochs', '1', '--log-interval', '100000', '--checkpoint-hist', '1']
+# Fashion-MNIST at its own size, read from the exported PNGs (hparams/fashion-mnist/transfer.yaml: grey images
+# given to the model as RGB, the default recipe's normalisation and SGD + cosine, flip-only augmentation);
+# validate.py takes the evaluation half of it as flags
+TRANSFER = str(HPARAMS_DIR / 'fashion-mnist' / 'transfer.yaml')
+TRAIN_RECIPE = ['-c', TRANSFER, '--log-interval', '100000', '--checkpoint-hist', '1']
+EVAL_RECIPE = ['--input-size', '3', '28', '28', '--mean', '0.2860', '0.2860', '0.2860', '--std', '0.3530', '0.3530',
+               '0.3530', '--interpolation', 'bilinear', '--crop-pct', '1', '--workers', '0']
 REPO = 'sdpgo-study/fmnist-source'
 STARTS = ('fine-tuned', 'scratch')
 Run = Tuple[str, str, float, int]  # (method, start, lr, seed)
@@ -94,7 +95,7 @@ def pretrain(args: argparse.Namespace, source: Path, runs: Path) -> Path:
     folder = runs / 'pretrain'
     summary = folder / 'summary.csv'
     if not (summary.exists() and len(list(csv.DictReader(open(summary)))) >= args.pretrain_epochs):
-        argv = [str(source), '--model', args.model, *RECIPE, *TRAIN_RECIPE, '--epochs', str(args.pretrain_epochs),
+        argv = [str(source), '--model', args.model, *TRAIN_RECIPE, '--epochs', str(args.pretrain_epochs),
                 '--batch-size', '128', '--lr', '0.05', '--warmup-lr', '0.005', '--seed', '0', '--smoothing', '0',
                 '--output', str(runs), '--experiment', 'pretrain']
         if train.main(argv) != 0:
@@ -125,7 +126,7 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
     spec = args.specs[method]
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
     weights = ['--model', model, '--pretrained'] if start == 'fine-tuned' else ['--model', args.model]
-    argv = [str(target), *weights, '--num-classes', str(len(args.target_classes)), *RECIPE, *TRAIN_RECIPE,
+    argv = [str(target), *weights, '--num-classes', str(len(args.target_classes)), *TRAIN_RECIPE,
             '--epochs', str(args.epochs), '--batch-size', str(batch), '--lr', str(lr), '--warmup-lr', str(lr / 10),
             '--seed', str(seed), '--val-split', 'validation', '--val-interval', str(args.val_interval),
             '--output', str(runs), '--experiment', run_name(run), '--resume', 'auto', *spec['flags']]
@@ -140,7 +141,7 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
 def score(checkpoint: Path, target: Path, split: str) -> float:
     """validate.py's top-1 of a run's checkpoint (its architecture and classes) on a split of the target task."""
     results = checkpoint.parent / f'{split}.json'
-    argv = [str(target), '--split', split, '--checkpoint', str(checkpoint), *RECIPE, '--batch-size', '256',
+    argv = [str(target), '--split', split, '--checkpoint', str(checkpoint), *EVAL_RECIPE, '--batch-size', '256',
             '--results-file', str(results)]
     if validate.main(argv) != 0:
         raise RuntimeError(f"validate.py {shlex.join(argv)} failed")
