@@ -106,8 +106,8 @@ def test_old_epoch_checkpoint_and_end_of_epoch_recovery_train_on_alike(tmp_path,
 def test_old_mid_epoch_recovery_checkpoint_continues_where_it_stopped(tmp_path, old_last, caplog):
     """Resumed after step 4 of 8, today's train.py trains the epoch's other 4 steps on the samples and random
     numbers the old run had for them: its epoch checkpoint ends with the old one's RNG states (every draw of the
-    augmentations, the loader order and the evaluation) and caches the old one's last fresh half (its dataset indices); the epoch's
-    sums carry over (8 steps in its summary row), and it trains on through epoch 1."""
+    augmentations, the loader order and the evaluation) and caches the old one's last fresh half (its dataset
+    indices); the epoch's sums carry over (8 steps in its summary row), and it trains on through epoch 1."""
     caplog.set_level(logging.INFO)
     run = train_on(tmp_path, 'mid', str(OLD / 'recovery-0-4.pth.tar'))
     assert any("recovery-0-4.pth.tar' at epoch 0, after step 4" in r.getMessage() for r in caplog.records)
