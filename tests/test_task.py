@@ -148,16 +148,18 @@ def test_state_of_other_replay_mode_is_rejected():
         SDPGOTask(_tiny(), replay='views', verbose=False).load_task_state(task.get_task_state())
 
 
-def test_loss_scale_is_undone_for_pwa():
-    """AMP loss scaling / accumulation must not change α: same steps, backward of 1024·loss."""
+@pytest.mark.parametrize('scale', [1024.0, 0.5], ids=['amp', 'grad_accumulation'])
+def test_loss_scale_is_undone_for_pwa(scale):
+    """AMP loss scaling (1024) and gradient accumulation (0.5: the loss divided by the steps) must not change α:
+    the same steps with a backward of scale·loss give every step the α of the unscaled loss."""
     alphas = []
-    for scale in (1.0, 1024.0):
+    for loss_scale in (1.0, scale):
         task = SDPGOTask(_tiny(), verbose=False)
-        for x, y in _batches(3):
-            out = task(x, y, loss_scale=scale)
-            (out['loss'] * scale).backward()
-        alphas.append(task.cache.alpha)
-    torch.testing.assert_close(alphas[0], alphas[1], rtol=1e-4, atol=1e-5)
+        for x, y in _batches(4):
+            out = task(x, y, loss_scale=loss_scale)
+            (out['loss'] * loss_scale).backward()
+            alphas.append(task.cache.alpha)
+    torch.testing.assert_close(alphas[4:], alphas[:4], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast():
@@ -252,18 +254,6 @@ def test_dlb_preset_is_ce_plus_full_kl():
     kl = per_sample_kl(teacher, logits[:4], 3.0)
     torch.testing.assert_close(out['loss'], torch.cat([ce[:4] + 9.0 * kl, ce[4:]]).mean())
     assert DLB_PRESET['topk'] == -1 and out['alpha'].item() == 1.0
-
-
-def test_grad_accumulation_with_loss_scale():
-    """A loss divided by the accumulation steps (loss_scale < 1) gives every step the α of the undivided loss."""
-    alphas = []
-    for scale in (1.0, 0.5):
-        task = SDPGOTask(_tiny(), verbose=False)
-        for x, y in _batches(4):
-            out = task(x, y, loss_scale=scale)
-            (out['loss'] * scale).backward()
-            alphas.append(task.cache.alpha)
-    torch.testing.assert_close(alphas[4:], alphas[:4], rtol=1e-4, atol=1e-5)
 
 
 def test_create_model_returns_model_and_task():
