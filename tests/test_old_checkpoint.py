@@ -43,6 +43,12 @@ def train_on(output: Path, experiment: str, resume: str) -> Path:
     return output / experiment
 
 
+def old_file(name: str, folder: Path) -> str:
+    """A copy of one of the old files in `folder` (a run never touches the committed ones)."""
+    shutil.copy(OLD / name, folder / name)
+    return str(folder / name)
+
+
 def same(a: Any, b: Any) -> bool:
     """Nested RNG states (dicts, lists, tuples, tensors, numbers) equal to the last bit."""
     if isinstance(a, torch.Tensor):
@@ -84,10 +90,10 @@ def test_old_epoch_checkpoint_and_end_of_epoch_recovery_train_on_alike(tmp_path,
     run = tmp_path / 'runs' / 'old'
     run.mkdir(parents=True)
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar'):
-        shutil.copy(OLD / name, run / name)
+        old_file(name, run)
     assert train_on(tmp_path / 'runs', 'old', 'auto') == run
     assert any(f"Resumed {str(run / 'last.pth.tar')!r} at epoch 1" in r.getMessage() for r in caplog.records)
-    from_recovery = train_on(tmp_path / 'runs', 'recovery', str(OLD / 'recovery-0-8.pth.tar'))
+    from_recovery = train_on(tmp_path / 'runs', 'recovery', old_file('recovery-0-8.pth.tar', tmp_path))
     assert any("recovery-0-8.pth.tar' at epoch 0, after step 8" in r.getMessage() for r in caplog.records)
 
     assert_same_weights(run / 'last.pth.tar', from_recovery / 'last.pth.tar')
@@ -109,7 +115,7 @@ def test_old_mid_epoch_recovery_checkpoint_continues_where_it_stopped(tmp_path, 
     augmentations, the loader order and the evaluation) and caches the old one's last fresh half (its dataset
     indices); the epoch's sums carry over (8 steps in its summary row), and it trains on through epoch 1."""
     caplog.set_level(logging.INFO)
-    run = train_on(tmp_path, 'mid', str(OLD / 'recovery-0-4.pth.tar'))
+    run = train_on(tmp_path, 'mid', old_file('recovery-0-4.pth.tar', tmp_path))
     assert any("recovery-0-4.pth.tar' at epoch 0, after step 4" in r.getMessage() for r in caplog.records)
     epoch0 = load_checkpoint_file(str(run / 'checkpoint-0.pth.tar'))
     assert same(epoch0['rng_ranks'], old_last['rng_ranks'])
