@@ -231,8 +231,9 @@ def condition_label(condition: Condition) -> str:
 
 
 def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[Condition], path: str,
-         title: str) -> bool:
-    """Mean last-epoch top-1 per method and condition, with error bars of one std over seeds.
+         title: str, label: Callable[[Condition], str] = condition_label) -> bool:
+    """Mean last-epoch top-1 per method and condition (named on the x axis by `label`), with error bars of one std
+    over seeds; a method without runs of a condition has no point there.
 
     matplotlib is optional (`pip install -e ".[plot]"`): without it no PNG is written and False is returned.
     """
@@ -246,12 +247,13 @@ def plot(results: Dict[str, Dict[Condition, List[float]]], conditions: Sequence[
     x = list(range(len(conditions)))
     width = 0.8 / max(1, len(results))
     for k, (method, by_condition) in enumerate(results.items()):
-        values = [by_condition[c] for c in conditions]
+        present = [i for i, c in enumerate(conditions) if by_condition.get(c)]
+        values = [by_condition[conditions[i]] for i in present]
         means = [statistics.mean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        offsets = [i - 0.4 + width * (k + 0.5) for i in x]
+        offsets = [i - 0.4 + width * (k + 0.5) for i in present]
         ax.errorbar(offsets, means, yerr=stds, fmt='o', capsize=3, color=COLORS.get(method), label=method)
-    ax.set_xticks(x, [condition_label(c) for c in conditions], fontsize=8)
+    ax.set_xticks(x, [label(c) for c in conditions], fontsize=8)
     ax.set_ylabel('last-epoch top-1 (%), mean ± std over seeds')
     ax.set_title(title, fontsize=9)
     ax.grid(axis='y', alpha=0.3)

@@ -89,6 +89,9 @@ parser.add_argument('--compile', nargs='?', const='inductor', default=None, meta
 parser.add_argument('--threads', type=int, help=(
     f'torch CPU threads (default: {torch.get_num_threads()}; 1 with --quick, steadier on a busy machine)'))
 parser.add_argument('--seed', type=int, default=0)
+parser.add_argument('--pretrained-path', default=None, metavar='FILE', help=(
+    'start every model from these weights (a checkpoint or weights file of the same architecture) with a new '
+    '--num-classes head, as fine-tuning does (train.py --pretrained-path); default: random initialisation'))
 parser.add_argument('--mem-jobs', type=int, default=2, help=(
     'memory subprocesses run side by side, sharing --threads; peaks are per process (default: 2)'))
 parser.add_argument('--out-md', help=f"markdown table (default: {DEFAULTS['out_md']})")
@@ -176,7 +179,10 @@ class StepRunner:
 
     def __init__(self, method: str, model_name: str, args: argparse.Namespace, device: torch.device):
         torch.manual_seed(args.seed)
-        model = timm.create_model(model_name, **model_kwargs(model_name, args.img_size, args.num_classes))
+        kwargs = model_kwargs(model_name, args.img_size, args.num_classes)
+        if args.pretrained_path:  # timm drops the file's classifier (num_classes -1 never matches) for a new head
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1))
+        model = timm.create_model(model_name, **kwargs)
         model.to(device).train()
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -270,6 +276,7 @@ def measure_memory(model_name: str, method: str, args: argparse.Namespace) -> Di
     command += ['--channels-last'] if args.channels_last else []
     command += ['--compile', args.compile] if args.compile else []
     command += ['--kd-teacher', args.kd_teacher] if args.kd_teacher else []
+    command += ['--pretrained-path', args.pretrained_path] if args.pretrained_path else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"memory run {' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -305,7 +312,8 @@ def markdown(rows: List[dict], args: argparse.Namespace) -> str:
         f'device {args.device} ({args.threads} CPU threads), torch {torch.__version__}, '
         f'timm {timm.__version__}; {args.img_size} px, model batch n = {args.batch_size}, '
         f"{args.num_classes} classes, {'bf16 autocast' if args.amp else 'fp32'}"
-        f"{', channels_last' if args.channels_last else ''}{f', torch.compile ({args.compile})' if args.compile else ''}, SGD; "
+        f"{', channels_last' if args.channels_last else ''}{f', torch.compile ({args.compile})' if args.compile else ''}, SGD"
+        f"{f', started from {args.pretrained_path} with a new head' if args.pretrained_path else ''}; "
         f'{args.warmup} warm-up steps, then {args.repeats} timed steps per method, interleaved.', '',
         '| model | method | fresh/step | step ms (median) | IQR ms | min ms | img/s | step / CE | epoch / CE '
         '| peak MiB | memory / CE | of which before the model MiB |',

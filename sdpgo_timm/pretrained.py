@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
 from timm.models import (
@@ -146,7 +147,8 @@ def ensure_cached(
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         offline: Optional[bool] = None,
 ) -> None:
-    """When the Hub is offline (HF_HUB_OFFLINE=1), raise a clear error unless `model_name`'s weights are cached.
+    """When the Hub is offline (HF_HUB_OFFLINE=1), raise a clear error unless `model_name`'s weights are cached:
+    it names the repository, the cache folder the files would be in, and the command that fetches them.
 
     `model_name` is what `timm.create_model` takes ('hf-hub:ns/name[@rev]' or a registered 'arch.tag').
     Does nothing online or for weights that do not come from the Hub. timm's own offline error names
@@ -172,10 +174,14 @@ def ensure_cached(
         if not any(_is_cached(repo_id, name, revision or None, cache_dir) for name in names)
     ]
     if missing:
-        advice = " and HF_HUB_OFFLINE is set. Load it once online, or unset HF_HUB_OFFLINE." if offline is None else '.'
+        folder = os.path.join(cache_dir or hf_constants.HF_HUB_CACHE,
+                              repo_folder_name(repo_id=repo_id, repo_type='model'))
+        fetch = f"python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\""
+        advice = (f" and HF_HUB_OFFLINE is set: fetch it once online with {fetch}, or unset HF_HUB_OFFLINE"
+                  if offline is None else '')
         raise LocalEntryNotFoundError(
             f"Hugging Face Hub repository '{hf_hub_id}' (for {model_name!r}) is not in the local cache "
-            f"({', '.join(missing)} missing){advice}")
+            f"({', '.join(missing)} missing from {folder!r}){advice}.")
 
 
 def _is_cached(repo_id: str, filename: str, revision: Optional[str], cache_dir) -> bool:

@@ -19,6 +19,9 @@ things about the task; this base class names both sides, so that neither peeks a
   `prepare_step` gives timm's tasks their plain step;
 - `set_epoch(epoch)` at every epoch start, and `state_shared_across_ranks`: whether the
   task state (`get_task_state`) is the same on every rank, so that rank 0's copy is saved once;
+- `training_state()` / `load_training_state(state)`: what the task keeps between steps and a
+  resume restores; timm's `get_task_state` / `load_task_state` carry it for the trained model,
+  none for its EMA copy (weights only), and a checkpoint without it leaves the task fresh;
 - `log_sample_weights()` / `sample_weights()`: a task that weighs its self-teacher per sample (SDPGO's α)
   can keep each weight with its dataset index, so that the run can ask how the weights relate to the
   labels (e.g. whether flipped labels get more trust in the self-teacher under `--label-noise`).
@@ -94,6 +97,29 @@ class SelfDistillationTask(TrainingTask):
 
     def set_epoch(self, epoch: int) -> None:
         """Called at every epoch start (0-based); nothing by default."""
+
+    def training_state(self) -> Dict[str, Any]:
+        """What the task keeps between steps, for a resume to restore (nothing by default)."""
+        return {}
+
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        """Restore a `training_state()` (nothing by default)."""
+
+    def get_task_state(self, module: Optional[torch.nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """timm's task state: `training_state()`; none for the EMA model, which copies the weights only."""
+        return {} if ema else self.training_state()
+
+    def load_task_state(
+            self,
+            state: Optional[Dict[str, Any]],
+            strict: bool = True,
+            module: Optional[torch.nn.Module] = None,
+            ema: bool = False,
+    ) -> None:
+        """Load timm's task state into `load_training_state`; nothing for the EMA model, and a checkpoint without
+        one (saved by a task that kept nothing yet) leaves the task as it is."""
+        if state and not ema:
+            self.load_training_state(state)
 
     def log_sample_weights(self) -> bool:
         """Keep, from now on, each sample's self-teacher weight with its dataset index (for `sample_weights`);

@@ -135,3 +135,33 @@ def attach_grad_hooks(
             # the hook holds a detached view: holding `feature` itself would make a reference cycle through
             # autograd's C++ hook list that Python cannot collect, leaking every step's graph
             feature.register_hook(lambda grad, i=i, feature=feature.detach(): callback(i, feature, grad))
+
+
+def layers_without_gradient(model: nn.Module, names: Sequence[str], input_size: Tuple[int, ...]) -> List[str]:
+    """The tapped modules of `names` whose output no gradient would reach: no trainable parameter at or before
+    them (frozen layers, e.g. by timm's --layer-decay-no-opt-scale), so their gradient hooks would never fire.
+
+    Found by one forward of a zero batch of `input_size` in eval mode with the RNGs untouched; when every
+    parameter trains, none is run (nothing can be cut off).
+    """
+    if not names or all(p.requires_grad for p in model.parameters()):
+        return []
+    reached = {}
+
+    def record(name: str, output) -> None:
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        reached[name] = output.requires_grad
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n: record(n, o)) for n in names]
+    first = next(model.parameters())
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            model.eval()
+            model(torch.zeros(1, *input_size, device=first.device, dtype=first.dtype))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return [n for n in names if not reached.get(n, False)]

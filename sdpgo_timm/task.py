@@ -216,10 +216,8 @@ class SDPGOTask(SelfDistillationTask):
         weights only): the step then trains on its fresh half alone (see `_teacherless_replay`)."""
         return num_replay if self.cache is not None else 0
 
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """PWA state and the replay cache of this process (nothing for the EMA model)."""
-        if ema:
-            return {}
+    def training_state(self) -> Dict[str, Any]:
+        """PWA state and the replay cache of this process."""
         return dict(
             pwa=self.pwa.state_dict(),
             cache=self.cache.state_dict() if self.cache is not None else None,
@@ -228,15 +226,8 @@ class SDPGOTask(SelfDistillationTask):
             teacher_steps=self.teacher_steps,
         )
 
-    def load_task_state(
-            self,
-            state: Optional[Dict[str, Any]],
-            strict: bool = True,
-            module: Optional[nn.Module] = None,
-            ema: bool = False,
-    ) -> None:
-        if ema or not state:
-            return
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        """Restore PWA and the replay cache; a state of the other replay mode is refused."""
         if state.get('replay') != self.replay:
             raise ValueError(
                 f"checkpoint replay mode {state.get('replay')!r} differs from --sdpgo-replay {self.replay!r}")

@@ -56,3 +56,36 @@ def test_gpu_check_dry_run_runs_its_steps_on_the_cpu(tmp_path):
     table = (tmp_path / 'step_cost_compiled.md').read_text()
     assert 'torch.compile (aot_eager)' in table and '| SDPGO |' in table and 'img/s' in table
     assert 'top1' in (tmp_path / 'validate.log').read_text()
+
+
+def test_finetune_quick_pushes_pretrains_fine_tunes_offline_and_scores_the_chosen_runs_once(tmp_path):
+    """benchmarks/finetune.py --quick end to end: export, CE pretraining, push to the fake Hub, every method
+    fine-tuned from `hf-hub:` out of the cache with the Hub offline, scratch runs, test scores of the chosen lr."""
+    import yaml
+    spec = importlib.util.spec_from_file_location('finetune', ROOT / 'benchmarks' / 'finetune.py')
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    work, stem = tmp_path / 'work', tmp_path / 'ft'
+    threads = torch.get_num_threads()
+    try:
+        assert finetune.main(['--quick', '--work', str(work), '--out-stem', str(stem), '--threads', '1',
+                              '--lrs', '0.01', '0.003']) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(f'{stem}.csv') as f:
+        rows = list(csv.DictReader(f))
+    cells = {(r['method'], r['start']) for r in rows}
+    assert cells == {(m, 'fine-tuned') for m in ('CE', 'CE+LS', 'DLB', 'PS-KD', 'SDPGO')} | {
+        ('CE', 'scratch'), ('SDPGO', 'scratch')}
+    assert len({r['steps'] for r in rows}) == 1  # equal optimizer steps for every method
+    for method, start in cells:  # the lr of the best validation top-1 is the one scored on the test split
+        runs = [r for r in rows if (r['method'], r['start']) == (method, start)]
+        best = max(runs, key=lambda r: (float(r['val_top1']), -float(r['lr'])))
+        assert [r['lr'] for r in runs if r['test_top1']] == [best['lr']]
+    fine_tuned = yaml.safe_load(open(work / 'runs' / 'CE-fine-tuned-lr0.01-s0' / 'args.yaml'))
+    assert fine_tuned['model'] == 'hf-hub:sdpgo-study/fmnist-source' and fine_tuned['pretrained']
+    assert fine_tuned['num_classes'] == 5
+    cached = list((work / 'hf_home' / 'hub' / 'models--sdpgo-study--fmnist-source').rglob('model.safetensors'))
+    assert cached  # the weights came through the Hub's cache
+    report = open(f'{stem}.md').read()
+    assert 'Smoke run (--quick)' in report and report.count('| fine-tuned |') == 5 + 10  # table + validation grid

@@ -367,6 +367,11 @@ def train_argv(inputs: Inputs, *argv: str, experiment: str = 'previous') -> List
     return [*FAST, '--output', str(inputs.root / 'runs'), *(['--experiment', experiment] if experiment else []), *argv]
 
 
+def config_case(config: str, error: str, experiment: str = 'new') -> Case:
+    """train.py on digits with `-c` one of the YAML files `inputs` writes, failing with `error`."""
+    return Case('train', lambda i: train_argv(i, 'digits', '-c', str(i.root / config), experiment=experiment), error)
+
+
 CASES = {
     # train.py
     'train: empty data folder': Case('train', lambda i: train_argv(i, str(i.empty)), 'is empty'),
@@ -390,12 +395,10 @@ CASES = {
     'train: num_classes mismatch': Case(
         'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--num-classes', '12', '--resume',
                                       str(i.previous / 'last.pth.tar')), 'does not fit --model'),
-    'train: unknown option in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'unknown.yaml')), "unknown key(s) ['epoch']"),
+    'train: unknown option in YAML': config_case('unknown.yaml', "unknown key(s) ['epoch']", experiment='previous'),
     'train: non-numeric option': Case(
         'train', lambda i: train_argv(i, 'digits', '--epochs', 'ten'), "argument --epochs: invalid int value: 'ten'"),
-    'train: non-numeric YAML value': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'words.yaml')), "lr: 'fast' in config file"),
+    'train: non-numeric YAML value': config_case('words.yaml', "lr: 'fast' in config file", experiment='previous'),
     'train: negative epochs': Case('train', lambda i: train_argv(i, 'digits', '--epochs', '-1'),
                                    '--epochs must be >= 1, got -1'),
     'train: zero batch size': Case('train', lambda i: train_argv(i, 'digits', '-b', '0'),
@@ -503,18 +506,14 @@ CASES = {
     'train: --initial-checkpoint of another class count': Case(
         'train', lambda i: train_argv(i, 'digits', '--num-classes', '12', '--initial-checkpoint',
                                       str(i.previous / 'last.pth.tar'), experiment='new'),
-        "does not fit --model 'test_resnet' with 12 classes"),
+        "has a 10-class head (fc) and the model 12 classes: --initial-checkpoint loads every weight as it is; to "
+        "start from its backbone with a new head pass --pretrained --pretrained-path"),
     'train: non-finite option': Case('train', lambda i: train_argv(i, 'digits', '--lr', 'nan', experiment='new'),
                                      '--lr must be a finite number, got nan'),
-    'train: a list for a one-value option in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'lr_list.yaml'), experiment='new'),
-        "lr: [0.1, 0.2] in config file"),
-    'train: a word for a switch in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'amp_word.yaml'), experiment='new'),
-        "amp: 'sure' in config file"),
-    'train: two values for a three-value option in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'size_two.yaml'), experiment='new'),
-        "input_size: [32, 32] in config file"),
+    'train: a list for a one-value option in YAML': config_case('lr_list.yaml', "lr: [0.1, 0.2] in config file"),
+    'train: a word for a switch in YAML': config_case('amp_word.yaml', "amp: 'sure' in config file"),
+    'train: two values for a three-value option in YAML': config_case('size_two.yaml',
+                                                                      "input_size: [32, 32] in config file"),
     # silently wrong results, third round: a batch that never fills, negative rates, splits that are not there
     'train: a batch larger than the training set': Case(
         'train', lambda i: train_argv(i, 'digits', '-b', '2000', experiment='new'),
@@ -543,15 +542,9 @@ CASES = {
     'train: --cutmix-minmax with min > max': Case(
         'train', lambda i: train_argv(i, 'digits', '--cutmix-minmax', '0.8', '0.2', experiment='new'),
         '--cutmix-minmax takes two shares of the image side, MIN < MAX in [0, 1], got [0.8, 0.2]'),
-    'train: a numeric key in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'number_key.yaml'), experiment='new'),
-        "key 1 in config file"),
-    'train: a YAML value outside the choices': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'choice.yaml'), experiment='new'),
-        "sdpgo_weighting: 'sum' in config file"),
-    'train: words for a list of numbers in YAML': Case(
-        'train', lambda i: train_argv(i, 'digits', '-c', str(i.root / 'model_list.yaml'), experiment='new'),
-        "opt_betas: ['a', 'b'] in config file"),
+    'train: a numeric key in YAML': config_case('number_key.yaml', "key 1 in config file"),
+    'train: a YAML value outside the choices': config_case('choice.yaml', "sdpgo_weighting: 'sum' in config file"),
+    'train: words for a list of numbers in YAML': config_case('model_list.yaml', "opt_betas: ['a', 'b'] in config file"),
     'train: unknown torchvision data set': Case(
         'train', lambda i: train_argv(i, str(i.data), '--dataset', 'torch/cifar11', experiment='new'),
         "--dataset 'torch/cifar11': timm knows no torchvision data set 'cifar11'; use one of torch/cifar10"),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sdpgo_timm import DLB_PRESET, SDPGOTask, create_model_and_task, create_skd_task, half_batch_size
 from sdpgo_timm.sil import per_sample_kl
+from pwa_reference import PWAReference
 
 ARCHS = [
     ('resnet50', {}, 32),
@@ -147,28 +148,38 @@ def test_state_of_other_replay_mode_is_rejected():
         SDPGOTask(_tiny(), replay='views', verbose=False).load_task_state(task.get_task_state())
 
 
-def test_loss_scale_is_undone_for_pwa():
-    """AMP loss scaling / accumulation must not change α: same steps, backward of 1024·loss."""
+@pytest.mark.parametrize('scale', [1024.0, 0.5], ids=['amp', 'grad_accumulation'])
+def test_loss_scale_is_undone_for_pwa(scale):
+    """AMP loss scaling (1024) and gradient accumulation (0.5: the loss divided by the steps) must not change α:
+    the same steps with a backward of scale·loss give every step the α of the unscaled loss."""
     alphas = []
-    for scale in (1.0, 1024.0):
+    for loss_scale in (1.0, scale):
         task = SDPGOTask(_tiny(), verbose=False)
-        for x, y in _batches(3):
-            out = task(x, y, loss_scale=scale)
-            (out['loss'] * scale).backward()
-        alphas.append(task.cache.alpha)
-    torch.testing.assert_close(alphas[0], alphas[1], rtol=1e-4, atol=1e-5)
+        for x, y in _batches(4):
+            out = task(x, y, loss_scale=loss_scale)
+            (out['loss'] * loss_scale).backward()
+            alphas.append(task.cache.alpha)
+    torch.testing.assert_close(alphas[4:], alphas[:4], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast():
-    task = SDPGOTask(_tiny(), verbose=False)
+    """Under bfloat16 autocast PWA's α is the one its pure functions give for the bfloat16 features and gradients,
+    and each replay half is weighed by the α its fresh half got one step earlier."""
+    model = _tiny()
+    task = SDPGOTask(model, verbose=False)
+    reference = PWAReference(task, model)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         outs = [task(x, y) for x, y in _batches(1)]
     outs[0]['loss'].backward()
+    alpha = reference.step()
     for x, y in _batches(2, seed=2):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             out = task(x, y)
         out['loss'].backward()
-        assert torch.isfinite(out['loss']) and 0 < out['alpha'].item() < 1
+        assert torch.isfinite(out['loss'])
+        torch.testing.assert_close(out['alpha'], alpha.mean(), rtol=1e-5, atol=0)
+        alpha = reference.step()
+        torch.testing.assert_close(task.cache.alpha, alpha, rtol=1e-5, atol=0)
     assert task.cache.teacher.dtype == torch.float32
 
 
@@ -188,19 +199,27 @@ def test_channels_last_matches_contiguous():
 
 
 def test_gradient_checkpointing_still_delivers_gradients():
-    model = _tiny('deit_tiny_patch16_224', img_size=32)
-    model.set_grad_checkpointing(True)
-    task = SDPGOTask(model, verbose=False)
-    outs = _steps(task, _batches(3, half=2))
-    assert 0 < outs[-1]['alpha'].item() < 1 and task.cache.alpha is not None
+    """The taps record the forward, not its recomputation in backward: every step's α is the one without
+    checkpointing."""
+    alphas = []
+    for checkpointing in (False, True):
+        model = _tiny('deit_tiny_patch16_224', img_size=32)
+        model.set_grad_checkpointing(checkpointing)
+        task = SDPGOTask(model, verbose=False)
+        alphas.append([o['alpha'] for o in _steps(task, _batches(3, half=2))] + [task.cache.alpha])
+    torch.testing.assert_close(alphas[1], alphas[0], rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_model_still_delivers_gradients():
+    """Compiled between the taps, the model still gives PWA each tap's features and gradients: every step's α is
+    the one PWA's pure functions give for them."""
     model = _tiny()
     task = SDPGOTask(model, verbose=False)
+    reference = PWAReference(task, model)
     task.compile(backend='aot_eager')
-    outs = _steps(task, _batches(3, half=2))
-    assert task.cache.alpha is not None and 0 < outs[-1]['alpha'].item() < 1
+    for x, y in _batches(3):
+        task(x, y)['loss'].backward()
+        torch.testing.assert_close(task.cache.alpha, reference.step(), rtol=1e-5, atol=0)
 
 
 def test_fixed_alpha_mode_needs_no_taps():
@@ -235,14 +254,6 @@ def test_dlb_preset_is_ce_plus_full_kl():
     kl = per_sample_kl(teacher, logits[:4], 3.0)
     torch.testing.assert_close(out['loss'], torch.cat([ce[:4] + 9.0 * kl, ce[4:]]).mean())
     assert DLB_PRESET['topk'] == -1 and out['alpha'].item() == 1.0
-
-
-def test_grad_accumulation_with_loss_scale():
-    task = SDPGOTask(_tiny(), verbose=False)
-    for x, y in _batches(4):
-        out = task(x, y, loss_scale=0.5)
-        (out['loss'] * 0.5).backward()
-    assert 0 < out['alpha'].item() < 1
 
 
 def test_create_model_returns_model_and_task():

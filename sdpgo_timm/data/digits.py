@@ -12,12 +12,11 @@ path, by:
 scikit-learn is not needed at run time.
 """
 import os
-from typing import Callable, Optional
 
 import numpy as np
 
 from .arrays import ArrayImageDataset
-from .splits import split_off
+from .splits import check_split, split_off
 
 _DIGITS_FILE = os.path.join(os.path.dirname(__file__), 'digits.npz')
 _SPLITS = ('train', 'validation')
@@ -30,34 +29,16 @@ class DigitsDataset(ArrayImageDataset):
 
     Args:
         split: 'train' (1,438 images) or 'validation' (359 images), stratified and fixed.
-        transform: Applied to the PIL image.
-        target_transform: Applied to the int label.
-        label_noise: Share of train labels to corrupt (see `apply_label_noise`), in [0, 1).
-        noise_mode: 'sym' or 'asym' (class c -> c + 1).
-        noise_seed: Seed of the corruption.
-        **kwargs: `ArrayImageDataset`'s `fraction`, `fraction_seed` and `pad_crop`.
+        **kwargs: `ArrayImageDataset`'s `transform`, `target_transform`, label noise (`label_noise`,
+            `noise_mode` 'sym' or 'asym' (class c -> c + 1), `noise_seed`; the train split only), `fraction`,
+            `fraction_seed` and `pad_crop`.
     """
 
-    def __init__(
-            self,
-            split: str = 'train',
-            transform: Optional[Callable] = None,
-            target_transform: Optional[Callable] = None,
-            label_noise: float = 0.,
-            noise_mode: str = 'sym',
-            noise_seed: int = 0,
-            **kwargs,
-    ):
-        if split not in _SPLITS:
-            raise ValueError(f'Unknown digits split {split!r}, expected one of {_SPLITS}.')
-        if label_noise and split != 'train':
-            raise ValueError('Label noise applies to the train split only; validation stays clean.')
+    def __init__(self, split: str = 'train', **kwargs):
+        check_split('digits', split, _SPLITS, ('train',), kwargs.get('label_noise', 0.))
         with np.load(_DIGITS_FILE) as data:
             images, labels = data['images'], data['labels']
         train, validation = split_off(labels, _VAL_FRACTION, _SPLIT_SEED)
         index = train if split == 'train' else validation
-        super().__init__(
-            images[index], labels[index], [str(c) for c in range(10)], transform=transform,
-            target_transform=target_transform, label_noise=label_noise, noise_mode=noise_mode,
-            noise_seed=noise_seed, **kwargs)
+        super().__init__(images[index], labels[index], [str(c) for c in range(10)], **kwargs)
         self.split = split

@@ -11,12 +11,12 @@ official 10,000, for the reported number only).
 """
 import gzip
 import os
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 from .arrays import ArrayImageDataset
-from .splits import split_off
+from .splits import check_split, split_off
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 ENV_VAR = 'FASHION_MNIST_DIR'
@@ -80,37 +80,19 @@ class FashionMNISTDataset(ArrayImageDataset):
     Args:
         split: 'train', 'validation', 'trainval' or 'test' (see the module docstring).
         root: Folder of the four IDX files (None: $FASHION_MNIST_DIR, else Debian's folder).
-        transform: Applied to the PIL image.
-        target_transform: Applied to the int label.
-        label_noise: Share of labels to corrupt, training splits only; 'asym' follows FLIP_MAP.
-        noise_mode: 'sym' or 'asym'.
-        noise_seed: Seed of the corruption.
-        **kwargs: `ArrayImageDataset`'s `fraction`, `fraction_seed` and `pad_crop`.
+        **kwargs: `ArrayImageDataset`'s `transform`, `target_transform`, label noise (`label_noise`,
+            `noise_mode` 'sym' or 'asym' (along FLIP_MAP), `noise_seed`; the training splits only), `fraction`,
+            `fraction_seed` and `pad_crop`.
     """
 
-    def __init__(
-            self,
-            split: str = 'train',
-            root: Optional[str] = None,
-            transform: Optional[Callable] = None,
-            target_transform: Optional[Callable] = None,
-            label_noise: float = 0.,
-            noise_mode: str = 'sym',
-            noise_seed: int = 0,
-            **kwargs,
-    ):
-        if split not in SPLITS:
-            raise ValueError(f'Unknown fashion-mnist split {split!r}, expected one of {SPLITS}.')
-        if label_noise and split not in ('train', 'trainval'):
-            raise ValueError('Label noise applies to the training splits only; validation and test stay clean.')
+    def __init__(self, split: str = 'train', root: Optional[str] = None, **kwargs):
+        check_split('fashion-mnist', split, SPLITS, ('train', 'trainval'), kwargs.get('label_noise', 0.))
         root = fashion_mnist_dir(root)
         images, labels = load_fashion_mnist(root, 'test' if split == 'test' else 'train')
         if split in ('train', 'validation'):
             train, validation = split_off(labels, _VAL_FRACTION, _SPLIT_SEED)
             index = train if split == 'train' else validation
             images, labels = images[index], labels[index]
-        super().__init__(
-            images, labels, CLASSES, transform=transform, target_transform=target_transform,
-            label_noise=label_noise, noise_mode=noise_mode, noise_seed=noise_seed, flip_map=FLIP_MAP, **kwargs)
+        super().__init__(images, labels, CLASSES, flip_map=FLIP_MAP, **kwargs)
         self.split = split
         self.root = root

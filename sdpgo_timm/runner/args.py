@@ -90,10 +90,13 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool = True) -> N
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained weights')
     if training:
         group.add_argument('--pretrained-path', default=None, type=str,
-                           help='load these pretrained weights instead of the hub default (a file), head adapted')
+                           help='with --pretrained: load these weights instead of the hub default (a .safetensors '
+                                'or .pth file, a training checkpoint: its EMA weights if it has them); the head is '
+                                'always new (timm adapts it to --num-classes)')
         group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
-                           help='load these weights into the model after initialisation (a training checkpoint, a '
-                                'saved state dict or .safetensors)')
+                           help='load these weights into the model as they are, after initialisation (a training '
+                                'checkpoint, a saved state dict or .safetensors); a head of another class count is '
+                                'refused: use --pretrained --pretrained-path PATH to fine-tune it with a new head')
         group.add_argument('--resume', default='', type=str, metavar='PATH',
                            help='resume model, optimizer and SDPGO state from checkpoint; "auto": the newest '
                                 'checkpoint of --output/--experiment that loads (none: start from the beginning)')

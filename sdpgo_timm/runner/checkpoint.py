@@ -6,8 +6,8 @@ model_best, recovery-E-B; same keys) whose writes are atomic (`rundir.atomic_sav
 crash or a full disk never leaves a half-written checkpoint and never harms the previous one.
 Beside timm's keys it stores ours (the keys below): the training data's classes,
 `gather_rank_states`' per-process task state, Mixup record and RNG states (or, in a recovery
-checkpoint, the loader position of `runner.recovery`), and the epoch's summary row.
-`resume_training` reads them back. Loading is data-only (`weights_only=True`); a file that needs
+checkpoint, `gather_recovery_states`' place inside the epoch), and the epoch's summary row.
+`resume_training` and `restore_recovery` read them back. Loading is data-only (`weights_only=True`); a file that needs
 arbitrary pickle is refused. `find_resume_checkpoint` picks what `--resume auto` continues from.
 """
 import argparse
@@ -328,6 +328,35 @@ def gather_rank_states(
     return extra
 
 
+def gather_recovery_states(
+        task: TrainingTask,
+        mixup_fn,
+        args: argparse.Namespace,
+        epoch: int,
+        num_updates: int,
+        loader,
+        meter,
+        skipped=None,
+) -> Dict[str, Any]:
+    """A recovery checkpoint's extra keys: `gather_rank_states` with every rank's place inside the epoch
+    (`recovery_ranks`: the loader's position and RNG states, `runner.recovery.ResumableLoader.state_dict`; the
+    epoch's running sums; the skipped-image record) and `position` (epoch, batches done in it, optimizer updates).
+    Collective under DDP; `resume_training` and `restore_recovery` read it back."""
+    recovery = dict(loader=loader.state_dict(), meter=meter.state_dict(),
+                    skipped=skipped.state_dict() if skipped is not None else None)
+    position = dict(epoch=epoch, step=loader.consumed, num_updates=num_updates)
+    return {**gather_rank_states(task, mixup_fn, args, recovery), POSITION: position}
+
+
+def restore_recovery(state: Dict[str, Any], loader, meter, skipped=None) -> None:
+    """Apply this rank's entry of a recovery checkpoint's `recovery_ranks` (`ResumePoint.recovery`) to the training
+    loader (its next epoch continues after the batches done), the epoch's meter and the skipped-image record."""
+    loader.load_state_dict(state['loader'])
+    meter.load_state_dict(state['meter'])
+    if skipped is not None and state.get('skipped') is not None:
+        skipped.load_state_dict(state['skipped'])
+
+
 RngState = Dict[str, Any]
 
 
@@ -389,7 +418,7 @@ def _this_rank(checkpoint: Dict[str, Any], key: str, args: argparse.Namespace, p
 @dataclass
 class ResumePoint:
     """Where a resumed run continues: the epoch, the optimizer updates before it, and for a recovery
-    checkpoint this rank's mid-epoch state (see sdpgo_timm.runner.recovery)."""
+    checkpoint this rank's mid-epoch state (for `restore_recovery`)."""
     epoch: int = 0
     num_updates: Optional[int] = None
     recovery: Optional[Dict[str, Any]] = None

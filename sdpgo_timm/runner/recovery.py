@@ -3,10 +3,13 @@
 A recovery checkpoint (timm's `recovery-<epoch>-<batch>.pth.tar`) is a training checkpoint
 plus `position` (epoch, batches done in it, optimizer updates) and, for every process,
 `recovery_ranks`: its loader state (see `ResumableLoader`), the epoch's running sums and
-its skipped-image record. Every file and RNG state is plain data (tensors, numbers,
-lists), so it loads with `torch.load(weights_only=True)`.
+its skipped-image record; `runner.checkpoint` writes and reads those keys
+(`gather_recovery_states`, `restore_recovery`). This module keeps the loader that can stop and
+continue an epoch, and decides when to write one (`RecoveryCheckpoints`). Every file and RNG
+state is plain data (tensors, numbers, lists), so it loads with `torch.load(weights_only=True)`.
 """
 from collections import deque
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
@@ -16,8 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from timm.data.loader import MultiEpochsDataLoader
 
 from ..compat import swap_batch_sampler
-from .checkpoint import POSITION, RngState, get_rng_state, set_rng_state
-from .engine import TrainMeter
+from .checkpoint import RngState, get_rng_state, set_rng_state
 from .errors import Preempted
 from .preemption import PreemptionSignal
 
@@ -167,31 +169,22 @@ class ResumableLoader:
         self._start = (int(state['step']), list(state['rng']), state.get('epoch_rng'))
 
 
+@dataclass(kw_only=True)
 class RecoveryCheckpoints:
     """Called after each optimizer step: write a recovery checkpoint every `interval` steps, and on preemption.
 
     On a preemption signal it writes one (every rank contributes its state; rank 0 writes),
-    then raises `Preempted`. `collect(recovery)` returns the checkpoint's extra keys given this
-    rank's recovery state (a collective call under DDP); `saver` is None on other ranks.
+    then raises `Preempted`. `collect(epoch, num_updates, loader, meter, skipped)` returns the
+    checkpoint's extra keys (`runner.checkpoint.gather_recovery_states`, a collective call under
+    DDP); `saver` is None on other ranks.
     """
-
-    def __init__(
-            self,
-            *,
-            interval: int,
-            loader: ResumableLoader,
-            preemption: PreemptionSignal,
-            collect: Callable[[Dict[str, Any]], Dict[str, Any]],
-            saver=None,
-            skipped=None,
-    ):
-        self.interval = interval
-        self.loader = loader
-        self.preemption = preemption
-        self.collect = collect
-        self.saver = saver
-        self.skipped = skipped
-        self.last_path: Optional[str] = None
+    interval: int
+    loader: ResumableLoader
+    preemption: PreemptionSignal
+    collect: Callable[..., Dict[str, Any]]
+    saver: Any = None
+    skipped: Any = None
+    last_path: Optional[str] = field(default=None, init=False)
 
     def __call__(self, epoch: int, num_updates: int, meter) -> None:
         stop = self.preemption.stopping()
@@ -201,24 +194,12 @@ class RecoveryCheckpoints:
             raise Preempted(f"preempted by {self.preemption.name} in epoch {epoch}; {self.loader.not_resumable}: "
                             "--resume auto continues from the last epoch checkpoint")
         meter.check_finite(epoch)
-        position = dict(epoch=epoch, step=self.loader.consumed, num_updates=num_updates)
-        rank_state = dict(loader=self.loader.state_dict(), meter=meter.state_dict(),
-                          skipped=self.skipped.state_dict() if self.skipped is not None else None)
-        extra = {**self.collect(rank_state), POSITION: position}
+        step = self.loader.consumed
+        extra = self.collect(epoch, num_updates, self.loader, meter, self.skipped)
         if self.saver is not None:
-            self.last_path = self.saver.save_recovery(epoch, position['step'], extra=extra)
+            self.last_path = self.saver.save_recovery(epoch, step, extra=extra)
         if stop:
             self.preemption.barrier()
             where = f"; recovery checkpoint {self.last_path!r}" if self.last_path else ''
-            raise Preempted(f"preempted by {self.preemption.name} after step {position['step']} of epoch {epoch} "
+            raise Preempted(f"preempted by {self.preemption.name} after step {step} of epoch {epoch} "
                             f"(update {num_updates}){where}. Resume with the same command and --resume auto.")
-
-
-def restore_recovery(state: Dict[str, Any], loader: ResumableLoader, device: torch.device, skipped=None) -> TrainMeter:
-    """Apply this rank's recovery state to the loader (and skipped-image record); the epoch's meter to continue."""
-    loader.load_state_dict(state['loader'])
-    if skipped is not None and state.get('skipped') is not None:
-        skipped.load_state_dict(state['skipped'])
-    meter = TrainMeter(device)
-    meter.load_state_dict(state['meter'])
-    return meter

@@ -45,17 +45,18 @@ from .batches import batch_loss_scale
 from .builders import (
     check_aug_splits, create_mixup, create_train_loader, create_train_task, optimizer_module, resolve_feed)
 from .checkpoint import (
-    SUMMARY_ROW, ResumePoint, TrainCheckpointSaver, gather_rank_states, resume_training, set_rng_state)
-from .engine import LoopOptions, train_one_epoch, validate
+    SUMMARY_ROW, ResumePoint, TrainCheckpointSaver, gather_rank_states, gather_recovery_states, restore_recovery,
+    resume_training, set_rng_state)
+from .engine import LoopOptions, TrainMeter, train_one_epoch, validate
 from .errors import ConfigError, Preempted, first_line
 from .naflex import check_naflex_args
 from .preemption import PreemptionSignal
-from .recovery import RecoveryCheckpoints, restore_recovery
+from .recovery import RecoveryCheckpoints
 from .resume import resolve_resume, resume_in_place
 from .rundir import create_output_dir
 from .setup import (
-    check_cpu_bfloat16_convolutions, check_num_classes, check_same_data_across_ranks, create_autocast,
-    create_eval_loader, create_timm_model, init_device, resolve_lr, resolve_model_dtype)
+    check_cpu_bfloat16_convolutions, check_num_classes, check_same_data_across_ranks, check_taps_get_gradients,
+    create_autocast, create_eval_loader, create_timm_model, init_device, resolve_lr, resolve_model_dtype)
 from .summary import append_summary
 from .tracking import start_wandb
 
@@ -170,6 +171,8 @@ class TrainSession:
             raise ConfigError(f"--opt-kwargs {args.opt_kwargs}: {first_line(e)}; give only arguments of the "
                               f"{args.opt!r} optimizer that have no option of their own (--lr, --momentum, "
                               "--weight-decay, --opt-eps, --opt-betas, ...)") from None
+        # timm's --layer-decay-no-opt-scale froze the layers below that scale just now: PWA's taps must still train
+        check_taps_get_gradients(args, self.task, self.model, self.data_config['input_size'])
         if self.primary:
             defaults = {**self.optimizer.defaults, 'weight_decay': args.weight_decay}  # timm's: wd not in defaults
             _logger.info(f"Created {type(self.optimizer).__name__} ({args.opt}) optimizer: "
@@ -198,8 +201,10 @@ class TrainSession:
         if args.start_epoch is not None:
             point = ResumePoint(args.start_epoch)
         self.point = point
-        self.meter = restore_recovery(point.recovery, self.loader_train, device, self.skipped) if point.recovery \
-            else None
+        self.meter = None
+        if point.recovery:  # the epoch continues mid-way, with its running sums
+            self.meter = TrainMeter(device)
+            restore_recovery(point.recovery, self.loader_train, self.meter, self.skipped)
         if args.torchcompile:
             task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if args.distributed:
@@ -262,7 +267,8 @@ class TrainSession:
                             "to save. Run the same command (with --resume auto) to start again.")
         self.recovery = RecoveryCheckpoints(
             interval=args.recovery_interval, loader=self.loader_train, preemption=self.preemption,
-            collect=self.collect, saver=self.saver, skipped=self.skipped)
+            collect=partial(gather_recovery_states, self.task, self.mixup_fn, args), saver=self.saver,
+            skipped=self.skipped)
         self.loop_options = LoopOptions(
             device=self.device, amp_autocast=self.amp_autocast, loss_scaler=self.loss_scaler,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,

@@ -20,14 +20,15 @@ from torch.utils.data import Dataset
 import timm
 from timm.data import create_loader
 from timm.layers import convert_splitbn_model, set_fast_norm
-from timm.models import resolve_model_input_args
+from timm.models import clean_state_dict, parse_model_name, resolve_model_input_args
 from timm.utils import init_distributed_device, set_jit_fuser
 
 from ..data.factory import class_difference, data_signature, dataset_num_classes
 from ..pretrained import check_model_name, ensure_cached
+from ..taps import layers_without_gradient
 from .checkpoint import load_weights_file, load_weights_into
 from .batches import policy_batch_size
-from .errors import ConfigError, first_line
+from .errors import CheckpointError, ConfigError, first_line, one_line
 from .naflex import create_naflex_eval_loader, model_patch_size
 
 _logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def check_num_classes(args: argparse.Namespace, dataset: Dataset) -> None:
 
 def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = None) -> torch.nn.Module:
     """timm.create_model from the model flags (BatchNorm split per augmentation split with --split-bn); an unknown
-    name lists close matches."""
+    name lists close matches. Pretrained weights come as timm loads them (a new head where the class count differs,
+    said in one line); --initial-checkpoint loads its weights as they are."""
     if args.num_classes is None and dataset is not None:
         args.num_classes = dataset_num_classes(dataset)
     _warn_drop_connect(args)
@@ -151,10 +153,13 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
                        ('bn_momentum', getattr(args, 'bn_momentum', None)), ('bn_eps', getattr(args, 'bn_eps', None))):
         if value is not None:
             kwargs[key] = value
-    if getattr(args, 'pretrained_path', None):
-        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    pretrained_path = getattr(args, 'pretrained_path', None)
     check_model_name(args.model, 'model')
-    if args.pretrained and not getattr(args, 'pretrained_path', None):
+    if pretrained_path:
+        check_pretrained_path(args)
+        # as timm's train.py: the file replaces the weights' source, and its head is always adapted
+        kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path, num_classes=-1)
+    elif args.pretrained:
         try:
             ensure_cached(args.model)
         except FileNotFoundError as e:
@@ -174,6 +179,14 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
             raise
         raise ConfigError(f"--model-kwargs {args.model_kwargs}: {args.model!r} does not take it ({first_line(e)}); "
                           "use the argument names of the model's constructor") from None
+    except RuntimeError as e:
+        if not (args.pretrained and str(e).startswith('Error(s) in loading state_dict')):
+            raise
+        source = (f"--pretrained-path {pretrained_path!r}" if pretrained_path
+                  else f"the pretrained weights of {args.model!r}")
+        raise ConfigError(f"{source} do not fit --model {args.model!r}: {one_line(e)}") from None
+    if args.pretrained and getattr(args, 'rank', 0) == 0:
+        log_new_head(model, pretrained_path)
     if getattr(args, 'head_init_scale', None) is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -181,13 +194,80 @@ def create_timm_model(args: argparse.Namespace, dataset: Optional[Dataset] = Non
     if getattr(args, 'head_init_bias', None) is not None:
         torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
     if getattr(args, 'initial_checkpoint', ''):
-        load_weights_into(model, load_weights_file(args.initial_checkpoint), args.initial_checkpoint,
-                          f"--model {args.model!r} with {args.num_classes} classes")
+        load_initial_checkpoint(model, args)
     if getattr(args, 'grad_checkpointing', False):
         model.set_grad_checkpointing(enable=True)
     if getattr(args, 'split_bn', False):  # after the weights are in: the aux layers start from the main layer's
         model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
+
+
+def check_pretrained_path(args: argparse.Namespace) -> None:
+    """One-line errors for a --pretrained-path timm would ignore (without --pretrained; with an hf-hub: or
+    local-dir: model, whose weights take precedence over the file) or could not read (read here as data only; timm
+    reads it again)."""
+    path = args.pretrained_path
+    if not args.pretrained:
+        raise ConfigError(f"--pretrained-path {path!r} is loaded only with --pretrained (timm's meaning): add "
+                          "--pretrained, or drop --pretrained-path to train from scratch")
+    source = parse_model_name(args.model)[0]
+    if source:  # hf-hub: or local-dir:
+        raise ConfigError(f"--pretrained-path {path!r} with --model {args.model!r}: timm would load the {source}: "
+                          "weights and ignore the file; pass the architecture's name as --model (e.g. resnet50)")
+    try:
+        load_weights_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--pretrained-path: {e}") from None
+
+
+def classifier_names(model: torch.nn.Module) -> Tuple[str, ...]:
+    """The module names of the model's classifier(s), as its pretrained config names them (timm resets these)."""
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def log_new_head(model: torch.nn.Module, pretrained_path: Optional[str]) -> None:
+    """Say in one line when timm gave the pretrained model a new, randomly initialised classifier: always for a
+    --pretrained-path file (timm adapts its head), else when the weights have another class count."""
+    heads = ', '.join(classifier_names(model))
+    weights_classes = model.pretrained_cfg.get('num_classes')
+    if not heads or (not pretrained_path and weights_classes == model.num_classes):
+        return
+    source = (f"--pretrained-path weights ({pretrained_path!r})" if pretrained_path
+              else f"pretrained weights of {weights_classes} classes")
+    _logger.info(f"{source}: new {model.num_classes}-class head ({heads}) initialised")
+
+
+def load_initial_checkpoint(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """--initial-checkpoint: every weight loaded as it is (timm's strict load). A checkpoint whose head has another
+    class count is refused in one line naming --pretrained-path, timm's way to start from weights with a new head."""
+    path = args.initial_checkpoint
+    checkpoint = load_weights_file(path)
+    state_dict = clean_state_dict(checkpoint['state_dict'])
+    for name in classifier_names(model):
+        weight = state_dict.get(f'{name}.weight')
+        if weight is not None and weight.ndim >= 1 and weight.shape[0] != model.num_classes:
+            raise CheckpointError(
+                f"--initial-checkpoint {path!r} has a {weight.shape[0]}-class head ({name}) and the model "
+                f"{model.num_classes} classes: --initial-checkpoint loads every weight as it is; to start from its "
+                f"backbone with a new head pass --pretrained --pretrained-path {path}")
+    load_weights_into(model, checkpoint, path, f"--model {args.model!r} with {args.num_classes} classes")
+
+
+def check_taps_get_gradients(args: argparse.Namespace, task: Any, model: torch.nn.Module,
+                             input_size: Tuple[int, ...]) -> None:
+    """A ConfigError, before training, when a layer the task taps for PWA (--sdpgo-layers) would get no gradient
+    because it and every layer before it are frozen (--layer-decay-no-opt-scale): PWA would never see one."""
+    layers = list(getattr(task, 'tap_layers', ()))
+    dead = layers_without_gradient(model, layers, input_size)
+    if not dead:
+        return
+    freezing = (f"--layer-decay-no-opt-scale {args.layer_decay_no_opt_scale}"
+                if getattr(args, 'layer_decay_no_opt_scale', None) else "frozen parameters")
+    taps = ' '.join(layers) if getattr(args, 'sdpgo_layers', None) else f"(default: {' '.join(layers)})"
+    raise ConfigError(f"--sdpgo-layers {taps}: no gradient reaches {', '.join(dead)}, frozen with every layer before "
+                      f"it by {freezing}, so PWA would see none; tap later layers with --sdpgo-layers, or freeze fewer "
+                      "layers (a lower --layer-decay-no-opt-scale)")
 
 
 def check_cpu_bfloat16_convolutions(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,

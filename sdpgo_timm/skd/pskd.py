@@ -131,21 +131,12 @@ class PSKDTask(SelfDistillationTask, ClassificationTask):
         resolved = super().get_eval_model(module=module, ema=ema)
         return resolved.module if isinstance(resolved, DistributedDataParallel) else resolved
 
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The prediction table (the same on every rank) and the epoch; nothing for the EMA model."""
-        if ema:
-            return {}
+    def training_state(self) -> Dict[str, Any]:
+        """The prediction table (the same on every rank) and the epoch."""
         return dict(table=self.table, seen=self.seen, epoch=self.epoch)
 
-    def load_task_state(
-            self,
-            state: Optional[Dict[str, Any]],
-            strict: bool = True,
-            module: Optional[nn.Module] = None,
-            ema: bool = False,
-    ) -> None:
-        if ema or not state:
-            return
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        """Restore the table (onto `table_device`) and the epoch; a table of another shape is refused."""
         if tuple(state['table'].shape) != tuple(self.table.shape):
             raise ValueError(
                 f"PS-KD table in the checkpoint is {tuple(state['table'].shape)}, this task needs "
