@@ -999,6 +999,16 @@ def test_resuming_a_finished_run_says_nothing_is_left_and_trains_nothing(sdpgo_r
     assert changed == {'sdpgo/args.yaml'}  # the new command line (--resume auto); no checkpoint, no summary row
 
 
+def test_a_finished_runs_leftover_recovery_files_go_when_it_is_resumed(sdpgo_run, recovery_run, tmp_path):
+    """A run finished by an older version kept its recovery files: resumed in place, the epoch checkpoint it
+    continues from supersedes them."""
+    shutil.copytree(sdpgo_run, tmp_path / 'sdpgo')
+    for name in ('recovery-1-26.pth.tar', 'recovery-1-36.pth.tar'):
+        shutil.copy(recovery_run / name, tmp_path / 'sdpgo' / name)
+    assert run_train([*SDPGO, '--output', str(tmp_path), '--experiment', 'sdpgo', '--resume', 'auto']) == 0
+    assert not recovery_files(tmp_path / 'sdpgo') and (tmp_path / 'sdpgo' / 'last.pth.tar').is_file()
+
+
 def test_an_hfds_data_set_that_cannot_load_offline_is_one_line(image_folder, tmp_path, monkeypatch, error_lines):
     """Without the `datasets` package (ImportError), or with it but offline and not cached: one line either way."""
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
