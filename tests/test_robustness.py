@@ -443,6 +443,9 @@ CASES = {
                                        "--aa 'randaugment' is not a policy timm knows"),
     'train: negative --start-epoch': Case('train', lambda i: train_argv(i, 'digits', '--start-epoch', '-1'),
                                           '--start-epoch must be >= 0, got -1'),
+    'train: a sliced split of an in-memory benchmark (timm reads it whole)': Case(
+        'train', lambda i: train_argv(i, 'digits', '--train-split', 'train[:50%]'),
+        "split 'train[:50%]': a slice applies to --dataset hfds/, tfds/ and wds/ data sets only"),
     'train: --val-split the training split': Case(
         'train', lambda i: train_argv(i, 'digits', '--val-split', 'train'),
         "--val-split 'train' is the training split 'train': its scores would be training scores"),
@@ -573,6 +576,10 @@ CASES = {
     'validate: classes differ from the checkpoint\'s': Case(
         'validate', lambda i: [str(i.data), '--checkpoint', str(i.previous / 'last.pth.tar')],
         "the 'validation' split has other classes than the model was trained on (lacks ['0', "),
+    'validate: a sliced split of an image folder (timm reads it whole)': Case(
+        'validate', lambda i: [str(i.data), '--model', 'test_resnet', '--split', 'validation[:4]'],
+        "split 'validation[:4]': a slice applies to --dataset hfds/, tfds/ and wds/ data sets only; this one would "
+        "read the whole split. Name the split alone"),
     'validate: unknown --interpolation': Case(
         'validate', lambda i: ['digits', '--model', 'test_resnet', '--interpolation', 'cubic'],
         "--interpolation 'cubic' is not an interpolation timm knows"),

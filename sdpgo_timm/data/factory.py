@@ -20,9 +20,18 @@ _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 _TRAIN_SPLITS = ('train', 'training')
 
 
+def _check_slice(split: str, fix: str) -> None:
+    """A ValueError for a sliced split ('train[:10%]'): timm slices hfds/tfds/wds data sets only, and reads the whole
+    split of any other, so the slice would be ignored without a word."""
+    if '[' in split:
+        raise ValueError(f"split {split!r}: a slice applies to --dataset hfds/, tfds/ and wds/ data sets only; this "
+                         f"one would read the whole split. Name the split alone{fix}")
+
+
 def _check_folder_split(root: str, split: str) -> None:
-    """timm falls back to the root for a missing split folder; make that an error instead."""
-    name = split.split('[')[0]
+    """timm falls back to the root for a missing split folder, and ignores a slice; make both errors instead."""
+    _check_slice(split, '')
+    name = split
     if os.path.isdir(os.path.join(root, name)):
         return
     synonyms = _EVAL_SPLITS if name in _EVAL_SPLITS else _TRAIN_SPLITS if name in _TRAIN_SPLITS else ()
@@ -37,7 +46,8 @@ _IN_MEMORY_SPLITS = {'digits': ('train', 'validation'), 'fashion-mnist': ('train
 
 def _in_memory_split(benchmark: str, split: str) -> str:
     """The split of an in-memory benchmark a split name (or a synonym, as timm accepts for folders) selects."""
-    name = split.split('[')[0]
+    _check_slice(split, ' (to train on a share of it: --train-fraction)')
+    name = split
     name = 'train' if name in _TRAIN_SPLITS else 'validation' if name in _EVAL_SPLITS else name
     if name not in _IN_MEMORY_SPLITS[benchmark]:
         known = ', '.join(repr(s) for s in _IN_MEMORY_SPLITS[benchmark])
