@@ -586,8 +586,9 @@ CASES = {
     'validate: --crop-pct above 1 (a zero-padded crop)': Case(
         'validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-pct', '2'],
         '--crop-pct is the share of the resized image the evaluation crop keeps, in (0, 1], got 2.0'),
-    'validate: unknown --crop-mode': Case('validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-mode', 'x'],
-                                          "--crop-mode 'x' is not one of center, squash, border"),
+    'validate: unknown --crop-mode': Case(
+        'validate', lambda i: ['digits', '--model', 'test_resnet', '--crop-mode', 'x'],
+        "--crop-mode 'x' is not one of center, squash, border"),
     'validate: truncated checkpoint': Case('validate', lambda i: ['digits', '--checkpoint', str(i.truncated)],
                                            'is not a timm training checkpoint'),
     'validate: empty data folder': Case('validate', lambda i: [str(i.empty), '--model', 'test_resnet'], 'is empty'),
