@@ -446,6 +446,10 @@ CASES = {
     'train: a sliced split of an in-memory benchmark (timm reads it whole)': Case(
         'train', lambda i: train_argv(i, 'digits', '--train-split', 'train[:50%]'),
         "split 'train[:50%]': a slice applies to --dataset hfds/, tfds/ and wds/ data sets only"),
+    'train: SDPGO with CutMix and odd halves': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sdpgo', '--cutmix', '1', '-b', '6'),
+        'Mixup/CutMix of a replay half and a fresh half needs even halves: --batch-size 6 must be a multiple of 4 '
+        '(use 8)'),
     'train: --val-split the training split': Case(
         'train', lambda i: train_argv(i, 'digits', '--val-split', 'train'),
         "--val-split 'train' is the training split 'train': its scores would be training scores"),

@@ -143,6 +143,9 @@ def create_train_loader(
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         img_dtype=getattr(torch, args.model_dtype or 'float32'), **augment)
     check_replay_batches(args, feed)
+    if feed in ('views', 'tensors') and mixup_active(args) and half_batch_size(args.batch_size) % 2:
+        raise ValueError(f"Mixup/CutMix of a replay half and a fresh half needs even halves: --batch-size "
+                         f"{args.batch_size} must be a multiple of 4 (use {args.batch_size + 2})")
     if feed == 'views':
         loader = create_replay_loader(
             dataset, batch_size=args.batch_size, seed=args.seed,
@@ -150,9 +153,6 @@ def create_train_loader(
             num_batches=epoch_batches(args, dataset, half_batch_size(args.batch_size)), **common)
         return ResumableLoader(loader)
     batch_size = half_batch_size(args.batch_size) if feed == 'tensors' else args.batch_size
-    if feed == 'tensors' and mixup_active(args) and batch_size % 2:
-        raise ValueError(f"Mixup/CutMix in tensors mode needs an even half batch: --batch-size {args.batch_size} "
-                         "must be a multiple of 4")
     if args.aug_splits:
         dataset = AugMixDataset(dataset, num_splits=args.aug_splits)
         common['num_aug_splits'] = args.aug_splits
