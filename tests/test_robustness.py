@@ -552,6 +552,13 @@ CASES = {
     'train: a numeric key in YAML': config_case('number_key.yaml', "key 1 in config file"),
     'train: a YAML value outside the choices': config_case('choice.yaml', "sdpgo_weighting: 'sum' in config file"),
     'train: words for a list of numbers in YAML': config_case('model_list.yaml', "opt_betas: ['a', 'b'] in config file"),
+    'train: a number for model_kwargs in YAML': config_case(
+        'kwargs_number.yaml', "model_kwargs: 5 in config file '{root}/kwargs_number.yaml' is not a mapping"),
+    'train: a mapping for a one-value option in YAML': config_case(
+        'lr_mapping.yaml', "lr: {{'base': 0.1}} in config file '{root}/lr_mapping.yaml' is a mapping"),
+    'train: --decay-epochs 0 with the step schedule': Case(
+        'train', lambda i: train_argv(i, 'digits', '--sched', 'step', '--decay-epochs', '0'),
+        '--decay-epochs must be > 0 with --sched step'),
     'train: unknown torchvision data set': Case(
         'train', lambda i: train_argv(i, str(i.data), '--dataset', 'torch/cifar11', experiment='new'),
         "--dataset 'torch/cifar11': timm knows no torchvision data set 'cifar11'; use one of torch/cifar10"),
@@ -636,6 +643,8 @@ def inputs(tmp_path, image_folder, sdpgo_run) -> Inputs:
     (tmp_path / 'number_key.yaml').write_text('1: 2\n')
     (tmp_path / 'choice.yaml').write_text('sdpgo_weighting: sum\n')
     (tmp_path / 'model_list.yaml').write_text('opt_betas: [a, b]\n')
+    (tmp_path / 'kwargs_number.yaml').write_text('model_kwargs: 5\n')
+    (tmp_path / 'lr_mapping.yaml').write_text('lr: {base: 0.1}\n')
     (tmp_path / 'damaged.csv').write_bytes(b'epoch,eval_top1\n0,98\x00\x00\n')
     (tmp_path / 'a_file').write_text('')
     shutil.copy(sdpgo_run / 'checkpoint-0.pth.tar', tmp_path / 'elsewhere.pth.tar')

@@ -520,8 +520,16 @@ def _yaml_value(key: str, value: Any, action: argparse.Action, path: str) -> Any
 
 
 def _check_yaml_shape(key: str, value: Any, action: argparse.Action, path: str) -> Any:
-    """The value in the shape the option takes (one value, a list, a list of N, true/false), else a ConfigError."""
-    if value is None or isinstance(value, dict):
+    """The value in the shape the option takes (one value, a list, a list of N, true/false, a mapping of KEY: VALUE
+    for --model-kwargs / --opt-kwargs), else a ConfigError."""
+    if isinstance(action, ParseKwargs):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} in config file {path!r} is not a mapping (KEY: VALUE lines)")
+        return value
+    if isinstance(value, dict):
+        raise ConfigError(f"{key}: {value!r} in config file {path!r} is a mapping; the option takes "
+                          f"{'values' if action.nargs in ('+', '*') or isinstance(action.nargs, int) else 'one value'}")
+    if value is None:
         return value
     if action.nargs == 0:  # a switch
         if not isinstance(value, bool):
@@ -744,6 +752,9 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
         args.input_size = [args.input_size[0], args.img_size, args.img_size]
     if args.wandb_resume_id and not args.resume:
         raise ConfigError("--wandb-resume-id continues a wandb run: give --resume too")
+    if args.sched == 'step' and args.decay_epochs <= 0:  # timm divides the epoch by it after the first epoch
+        raise ConfigError(f"--decay-epochs must be > 0 with --sched step (the rate decays every that many epochs), "
+                          f"got {args.decay_epochs}")
     if not 0. < args.train_fraction <= 1.:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume == 'auto' and not args.experiment:
