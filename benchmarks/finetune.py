@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'tests'), str(ROOT / 'benchmarks')]
 import train  # noqa: E402  (the product's own entry points)
 import validate  # noqa: E402
-from label_noise import METHODS, _executor, mean_std, plot, write_csv  # noqa: E402
+from label_noise import COLORS, METHODS, _executor, mean_std, plot, write_csv  # noqa: E402
 from sdpgo_timm.data.benchmarks import HPARAMS_DIR  # noqa: E402
 from sdpgo_timm.data.export import export_image_folder  # noqa: E402
 
@@ -60,6 +60,9 @@ Run = Tuple[str, str, float, int]  # (method, start, lr, seed)
 SINGLE_RUN_METHODS = [m for m, spec in METHODS.items() if not spec.get('teacher') and spec['epochs'] == 1]
 
 
+VARIANT_COLORS = ('#ff7f0e', '#8c564b', '#e377c2', '#bcbd22')  # none of label_noise's COLORS
+
+
 def method_specs(variants: Sequence[str]) -> Dict[str, Dict]:
     """The methods a study may run: SINGLE_RUN_METHODS and each `NAME=METHOD:FLAGS` variant (METHOD plus FLAGS)."""
     specs = {m: METHODS[m] for m in SINGLE_RUN_METHODS}
@@ -70,6 +73,7 @@ def method_specs(variants: Sequence[str]) -> Dict[str, Dict]:
             raise ValueError(f"--variant {text!r}: expected NEW_NAME=METHOD:FLAGS with METHOD one of "
                              f"{' '.join(SINGLE_RUN_METHODS)}")
         specs[name] = dict(METHODS[base], flags=[*METHODS[base]['flags'], *shlex.split(flags)])
+        COLORS.setdefault(name, VARIANT_COLORS[(len(specs) - len(SINGLE_RUN_METHODS) - 1) % len(VARIANT_COLORS)])
     return specs
 
 
@@ -90,11 +94,16 @@ def export_tasks(args: argparse.Namespace, data: Path) -> Tuple[Path, Path]:
     return source, target
 
 
+def last_epoch(summary: Path) -> int:
+    """The last epoch a run's summary.csv has a row of (-1: none yet)."""
+    rows = list(csv.DictReader(open(summary))) if summary.exists() else []
+    return int(rows[-1]['epoch']) if rows else -1
+
+
 def pretrain(args: argparse.Namespace, source: Path, runs: Path) -> Path:
     """The source task's CE run (kept from an earlier invocation when it finished); its last checkpoint."""
     folder = runs / 'pretrain'
-    summary = folder / 'summary.csv'
-    if not (summary.exists() and len(list(csv.DictReader(open(summary)))) >= args.pretrain_epochs):
+    if last_epoch(folder / 'summary.csv') != args.pretrain_epochs - 1:
         argv = [str(source), '--model', args.model, *TRAIN_RECIPE, '--epochs', str(args.pretrain_epochs),
                 '--batch-size', '128', '--lr', '0.05', '--warmup-lr', '0.005', '--seed', '0', '--smoothing', '0',
                 '--output', str(runs), '--experiment', 'pretrain']
@@ -130,10 +139,12 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
             '--epochs', str(args.epochs), '--batch-size', str(batch), '--lr', str(lr), '--warmup-lr', str(lr / 10),
             '--seed', str(seed), '--val-split', 'validation', '--val-interval', str(args.val_interval),
             '--output', str(runs), '--experiment', run_name(run), '--resume', 'auto', *spec['flags']]
+    summary = runs / run_name(run) / 'summary.csv'
+    kept = last_epoch(summary) == args.epochs - 1  # finished by an earlier invocation
     if train.main(argv) != 0:
         raise RuntimeError(f"train.py {shlex.join(argv)} failed")
-    rows = list(csv.DictReader(open(runs / run_name(run) / 'summary.csv')))
-    return dict(val_top1=float(rows[-1]['eval_top1']), train_loss=float(rows[-1]['train_loss']),
+    rows = list(csv.DictReader(open(summary)))
+    return dict(kept=bool(kept), val_top1=float(rows[-1]['eval_top1']), train_loss=float(rows[-1]['train_loss']),
                 eval_loss=float(rows[-1]['eval_loss']), eval_loss_min=min(float(r['eval_loss']) for r in rows),
                 steps=int(float(rows[-1]['train_steps'])) * args.epochs)
 
@@ -177,15 +188,17 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], rows: List[Dict]
                                for m in dict.fromkeys(r['method'] for r in rows)) + "). "
         f"Seeds {args.seeds}; lr chosen per method and start on the validation split (grid: fine-tuned {args.lrs}, "
         f"scratch {args.scratch_lrs}); torch {torch.__version__}; {args.jobs} run(s) at a time, {args.threads} torch "
-        f"thread(s) each; wall time {wall:.0f} s." + ''.join(f" Variant {v.replace('=', ' = ', 1).replace(':', ' with ', 1)}."
-                                                      for v in args.variant), '',
-        f"| method | start | lr | {args.eval_split} top-1 | validation top-1 |", '|---|---|---:|---:|---:|',
+        f"thread(s) each; wall time {wall:.0f} s for the {sum(not r['kept'] for r in rows)} runs this invocation "
+        f"trained ({sum(r['kept'] for r in rows)} kept from earlier invocations in --work)."
+        + ''.join(f" Variant {v.replace('=', ' = ', 1).replace(':', ' with ', 1)}." for v in args.variant), '',
+        '| method | start | lr | ' + ('test top-1 | ' if args.eval_split == 'test' else '') + 'validation top-1 |',
+        '|---|---|---:|' + ('---:|' if args.eval_split == 'test' else '') + '---:|',
     ]
     for method, start in cells:
         lr = chosen[(method, start)]
         runs = [r for r in rows if (r['method'], r['start'], r['lr']) == (method, start, lr)]
-        reported = mean_std([r['test_top1' if args.eval_split == 'test' else 'val_top1'] for r in runs])
-        lines.append(f"| {method} | {start} | {lr:g} | {reported} | {mean_std([r['val_top1'] for r in runs])} |")
+        test = f"{mean_std([r['test_top1'] for r in runs])} | " if args.eval_split == 'test' else ''
+        lines.append(f"| {method} | {start} | {lr:g} | {test}{mean_std([r['val_top1'] for r in runs])} |")
     lines += ['', 'Validation grid (mean ± std over seeds; training loss at the last epoch · validation loss at the end '
               '(its minimum)):', '', '| method | start | lr | validation top-1 | losses |', '|---|---|---:|---:|---:|']
     for method, start, lr in sorted({(r['method'], r['start'], r['lr']) for r in rows}):
