@@ -30,7 +30,8 @@ __all__ = ['EXPORTABLE', 'class_folder_name', 'choose_indices', 'export_image_fo
 # benchmark -> (its splits, a function building a split); `data_dir` is where fashion-mnist's files are
 EXPORTABLE = {
     'digits': (('train', 'validation'), lambda split, data_dir: DigitsDataset(split)),
-    'fashion-mnist': (('train', 'validation', 'test'), lambda split, data_dir: FashionMNISTDataset(split, root=data_dir)),
+    'fashion-mnist': (('train', 'validation', 'test'),
+                      lambda split, data_dir: FashionMNISTDataset(split, root=data_dir)),
 }
 _TRAINING_SPLITS = ('train', 'trainval')
 
@@ -56,16 +57,27 @@ def choose_indices(labels: np.ndarray, classes: Sequence[int], per_class: Option
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def _write_split(dataset: ArrayImageDataset, indices: np.ndarray, folder: str) -> Dict[str, int]:
-    """Each chosen image as folder/<class folder>/<index>.png; returns the count per class folder."""
-    counts: Dict[str, int] = {}
+def _check_classes(classes: Optional[Sequence[int]], dataset: ArrayImageDataset) -> List[int]:
+    """`classes` (None: all of the dataset's), checked: 2 or more distinct class indices of the dataset."""
+    chosen = list(range(dataset.num_classes)) if classes is None else list(classes)
+    if any(not 0 <= c < dataset.num_classes for c in chosen) or len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise ValueError(f"--classes {' '.join(map(str, chosen))}: give 2 or more distinct class indices in "
+                         f"0..{dataset.num_classes - 1} ({', '.join(dataset.classes)})")
+    return chosen
+
+
+def _write_split(dataset: ArrayImageDataset, indices: np.ndarray, folder: str,
+                 names: Dict[int, str]) -> Dict[str, int]:
+    """Each chosen image as folder/<class folder>/<index>.png (`names`: label -> class folder); returns the count per
+    class folder."""
+    for name in names.values():
+        os.makedirs(os.path.join(folder, name))
+    counts = dict.fromkeys(names.values(), 0)
     width = len(str(len(dataset.images) - 1))
     for i in indices:
-        label = int(dataset.clean_targets[i])
-        name = class_folder_name(label, dataset.classes[label])
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        name = names[int(dataset.clean_targets[i])]
         Image.fromarray(dataset.images[i]).save(os.path.join(folder, name, f'{i:0{width}d}.png'))
-        counts[name] = counts.get(name, 0) + 1
+        counts[name] += 1
     return counts
 
 
@@ -91,18 +103,16 @@ def export_image_folder(benchmark: str, out: str, classes: Optional[Sequence[int
         raise ValueError(f"{out!r} exists; export into a new folder (or remove it first)")
     staging = f'{out.rstrip(os.sep)}.tmp-{os.getpid()}'
     record: Dict = dict(benchmark=benchmark, classes=None, train_per_class=train_per_class, seed=seed, splits={})
+    names: Dict[int, str] = {}  # label -> class folder
     try:
         for split in splits:
             dataset = build(split, data_dir)
-            chosen = list(range(dataset.num_classes)) if classes is None else list(classes)
-            bad = [c for c in chosen if not 0 <= c < dataset.num_classes]
-            if bad or len(set(chosen)) != len(chosen) or len(chosen) < 2:
-                raise ValueError(f"--classes {' '.join(map(str, chosen))}: give 2 or more distinct class indices in "
-                                 f"0..{dataset.num_classes - 1} ({', '.join(dataset.classes)})")
-            record['classes'] = {class_folder_name(c, dataset.classes[c]): c for c in chosen}
+            if not names:  # every split of a benchmark has the same classes
+                names = {c: class_folder_name(c, dataset.classes[c]) for c in _check_classes(classes, dataset)}
+                record['classes'] = {name: c for c, name in names.items()}
             per_class = train_per_class if split in _TRAINING_SPLITS else None
-            indices = choose_indices(dataset.clean_targets, chosen, per_class, seed)
-            record['splits'][split] = _write_split(dataset, indices, os.path.join(staging, split))
+            indices = choose_indices(dataset.clean_targets, list(names), per_class, seed)
+            record['splits'][split] = _write_split(dataset, indices, os.path.join(staging, split), names)
         with open(os.path.join(staging, 'export.json'), 'w', encoding='utf-8') as f:
             json.dump(record, f, indent=2)
         os.rename(staging, out)
