@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'tests'), str(ROOT / 'benchmarks')]
@@ -45,21 +46,28 @@ from sdpgo_timm.data.benchmarks import HPARAMS_DIR  # noqa: E402
 from sdpgo_timm.data.export import export_image_folder  # noqa: E402
 
 # Fashion-MNIST at its own size, read from the exported PNGs (hparams/fashion-mnist/transfer.yaml: grey images
-# given to the model as RGB, the default recipe's normalisation and SGD + cosine, flip-only augmentation);
-# validate.py takes the evaluation half of it as flags
-TRANSFER = str(HPARAMS_DIR / 'fashion-mnist' / 'transfer.yaml')
-TRAIN_RECIPE = ['-c', TRANSFER, '--log-interval', '100000', '--checkpoint-hist', '1']
-EVAL_RECIPE = ['--input-size', '3', '28', '28', '--mean', '0.2860', '0.2860', '0.2860', '--std', '0.3530', '0.3530',
-               '0.3530', '--interpolation', 'bilinear', '--crop-pct', '1', '--workers', '0']
+# given to the model as RGB, the default recipe's normalisation and SGD + cosine, flip-only augmentation)
+TRANSFER = HPARAMS_DIR / 'fashion-mnist' / 'transfer.yaml'
+TRAIN_RECIPE = ['-c', str(TRANSFER), '--log-interval', '100000', '--checkpoint-hist', '1']
+
+
+def eval_flags(config: Path) -> List[str]:
+    """validate.py's flags for the evaluation half of a train.py config file (validate.py reads none)."""
+    values = yaml.safe_load(config.read_text())
+    flags: List[str] = []
+    for key in ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'workers'):
+        value = values[key]
+        flags += ['--' + key.replace('_', '-'), *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+EVAL_RECIPE = eval_flags(TRANSFER)
 REPO = 'sdpgo-study/fmnist-source'
 STARTS = ('fine-tuned', 'scratch')
 Run = Tuple[str, str, float, int]  # (method, start, lr, seed)
-
-
-# label_noise.py's methods that are one train.py run each (not CE×2's doubled epochs, not KD's teacher run first)
-SINGLE_RUN_METHODS = [m for m, spec in METHODS.items() if not spec.get('teacher') and spec['epochs'] == 1]
-
-
+# label_noise.py's methods that are one train.py run each (not KD: its teacher's run comes first); CE×2 is CE for
+# twice the epochs, the replay methods' compute
+SINGLE_RUN_METHODS = [m for m, spec in METHODS.items() if not spec.get('teacher')]
 VARIANT_COLORS = ('#ff7f0e', '#8c564b', '#e377c2', '#bcbd22')  # none of label_noise's COLORS
 
 
@@ -79,7 +87,7 @@ def method_specs(variants: Sequence[str]) -> Dict[str, Dict]:
 
 def run_name(run: Run) -> str:
     method, start, lr, seed = run
-    return f"{method}-{start}-lr{lr:g}-s{seed}".replace('+', 'p')
+    return f"{method}-{start}-lr{lr:g}-s{seed}".replace('+', 'p').replace('×', 'x')
 
 
 def export_tasks(args: argparse.Namespace, data: Path) -> Tuple[Path, Path]:
@@ -133,20 +141,21 @@ def fine_tune(run: Run, args: argparse.Namespace, target: Path, runs: Path, mode
     an earlier invocation finished is kept as it is, one it left unfinished goes on where it stopped."""
     method, start, lr, seed = run
     spec = args.specs[method]
+    epochs = args.epochs * spec['epochs']
     batch = args.batch_size if spec['replay'] else args.batch_size // 2
     weights = ['--model', model, '--pretrained'] if start == 'fine-tuned' else ['--model', args.model]
     argv = [str(target), *weights, '--num-classes', str(len(args.target_classes)), *TRAIN_RECIPE,
-            '--epochs', str(args.epochs), '--batch-size', str(batch), '--lr', str(lr), '--warmup-lr', str(lr / 10),
+            '--epochs', str(epochs), '--batch-size', str(batch), '--lr', str(lr), '--warmup-lr', str(lr / 10),
             '--seed', str(seed), '--val-split', 'validation', '--val-interval', str(args.val_interval),
             '--output', str(runs), '--experiment', run_name(run), '--resume', 'auto', *spec['flags']]
     summary = runs / run_name(run) / 'summary.csv'
-    kept = last_epoch(summary) == args.epochs - 1  # finished by an earlier invocation
+    kept = last_epoch(summary) == epochs - 1  # finished by an earlier invocation
     if train.main(argv) != 0:
         raise RuntimeError(f"train.py {shlex.join(argv)} failed")
     rows = list(csv.DictReader(open(summary)))
-    return dict(kept=bool(kept), val_top1=float(rows[-1]['eval_top1']), train_loss=float(rows[-1]['train_loss']),
+    return dict(kept=kept, val_top1=float(rows[-1]['eval_top1']), train_loss=float(rows[-1]['train_loss']),
                 eval_loss=float(rows[-1]['eval_loss']), eval_loss_min=min(float(r['eval_loss']) for r in rows),
-                steps=int(float(rows[-1]['train_steps'])) * args.epochs)
+                steps=int(float(rows[-1]['train_steps'])) * epochs)
 
 
 def score(checkpoint: Path, target: Path, split: str) -> float:
@@ -182,10 +191,11 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], rows: List[Dict]
         f"({'all' if args.source_per_class is None else args.source_per_class} training images a class; its "
         f"validation top-1 {pretrain_top1:.2f}), pushed to a local fake Hub and loaded offline from the Hugging Face "
         f"cache as `hf-hub:{REPO} --pretrained` with a new {len(args.target_classes)}-class head. Target: "
-        f"{args.train_per_class} training images a class. {args.epochs} epochs, SGD + cosine, 1 warm-up epoch; "
-        f"replay methods at --batch-size {args.batch_size}, the others at {args.batch_size // 2} (the same optimizer "
-        f"steps: " + ', '.join(f"{m} {next(r['steps'] for r in rows if r['method'] == m)}"
-                               for m in dict.fromkeys(r['method'] for r in rows)) + "). "
+        f"{args.train_per_class} training images a class. {args.epochs} epochs (CE×2: twice as many, the replay "
+        f"methods' compute), SGD + cosine, 1 warm-up epoch; replay methods at --batch-size {args.batch_size}, the "
+        f"others at {args.batch_size // 2}, the same fresh samples per step (optimizer steps: "
+        + ', '.join(f"{m} {next(r['steps'] for r in rows if r['method'] == m)}"
+                    for m in dict.fromkeys(r['method'] for r in rows)) + "). "
         f"Seeds {args.seeds}; lr chosen per method and start on the validation split (grid: fine-tuned {args.lrs}, "
         f"scratch {args.scratch_lrs}); torch {torch.__version__}; {args.jobs} run(s) at a time, {args.threads} torch "
         f"thread(s) each; wall time {wall:.0f} s for the {sum(not r['kept'] for r in rows)} runs this invocation "
@@ -199,8 +209,9 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], rows: List[Dict]
         runs = [r for r in rows if (r['method'], r['start'], r['lr']) == (method, start, lr)]
         test = f"{mean_std([r['test_top1'] for r in runs])} | " if args.eval_split == 'test' else ''
         lines.append(f"| {method} | {start} | {lr:g} | {test}{mean_std([r['val_top1'] for r in runs])} |")
-    lines += ['', 'Validation grid (mean ± std over seeds; training loss at the last epoch · validation loss at the end '
-              '(its minimum)):', '', '| method | start | lr | validation top-1 | losses |', '|---|---|---:|---:|---:|']
+    lines += ['', 'Validation grid (mean ± std over seeds; training loss at the last epoch · validation loss at the '
+              'end (its minimum)):', '',
+              '| method | start | lr | validation top-1 | losses |', '|---|---|---:|---:|---:|']
     for method, start, lr in sorted({(r['method'], r['start'], r['lr']) for r in rows}):
         runs = [r for r in rows if (r['method'], r['start'], r['lr']) == (method, start, lr)]
         lines.append(f"| {method} | {start} | {lr:g} | {mean_std([r['val_top1'] for r in runs])} | "
